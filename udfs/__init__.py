@@ -1,0 +1,1 @@
+"""Scoring code shared by the Flink jobs. Nothing under ``udfs.runtimes`` imports pyflink."""

@@ -1,0 +1,45 @@
+"""A small error hierarchy: every message names what a person needs to find the culprit.
+
+Errors are turned into dead letters (raw bytes + reason) by the serving core; none of them
+ever stops a job.
+"""
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error the serving path turns into a dead letter."""
+
+
+class RecordError(ServingError):
+    """A data record that cannot be scored (unparsable, missing or NaN features...)."""
+
+
+class ModelError(ServingError):
+    """A model that cannot be served; the previous model of its data type keeps serving."""
+
+    def __init__(self, reason: str, *, name: str = "", version: str = "", data_type: str = ""):
+        self.reason = reason
+        self.name = name
+        self.version = version
+        self.data_type = data_type
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        who = []
+        if self.name:
+            who.append(f"model '{self.name}'" + (f" version '{self.version}'" if self.version else ""))
+        if self.data_type:
+            who.append(f"data type '{self.data_type}'")
+        return f"{self.reason} ({', '.join(who)})" if who else self.reason
+
+
+class UnknownModelType(ModelError):
+    """The descriptor names a model type no runtime is registered for."""
+
+
+class ModelRejected(ModelError):
+    """The descriptor breaks a policy: too large, a location outside the model dirs, DOCTYPE..."""
+
+
+class ModelLoadError(ModelError):
+    """The model library could not build a model from the bytes or location."""
