@@ -1,0 +1,1 @@
+"""Flink jobs: each is a ``build_pipeline(...)`` function plus a thin ``main``."""

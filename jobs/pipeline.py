@@ -1,0 +1,145 @@
+"""What both jobs share: the Flink environment, Kafka sources and sinks, and the run loop.
+
+A job's ``build_pipeline`` takes data and model streams of raw bytes and returns result and
+dead-letter streams of raw bytes; this module plugs Kafka on both ends. Tests plug in-memory
+collections instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from pyflink.common import Configuration, WatermarkStrategy
+from pyflink.common.serialization import ByteArraySchema
+from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
+from pyflink.datastream.connectors.base import DeliveryGuarantee
+from pyflink.datastream.connectors.kafka import (
+    KafkaOffsetResetStrategy,
+    KafkaOffsetsInitializer,
+    KafkaRecordSerializationSchema,
+    KafkaSink,
+    KafkaSource,
+)
+
+from jobs.settings import Settings
+from udfs.joins import BYTES
+
+log = logging.getLogger("modelserving")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FLINK_CONF_DIR = PROJECT_ROOT / "flink-conf"
+#: Kafka's broker default transaction.max.timeout.ms; the connector's own default (1 h) is
+#: refused by brokers left at their defaults.
+TRANSACTION_TIMEOUT_MS = "900000"
+
+BuildPipeline = Callable[[DataStream, DataStream, Settings], "tuple[DataStream, DataStream]"]
+
+
+def create_environment(settings: Settings, extra: dict[str, str] | None = None) -> StreamExecutionEnvironment:
+    """The execution environment: local (with web UI on ``rest_port``) or the cluster a
+    ``flink run`` submitted to."""
+    conf = Configuration()
+    conf.set_string("python.executable", settings.python_executable)
+    conf.set_string("python.client.executable", settings.python_executable)
+    conf.set_string("rest.port", str(settings.rest_port))
+    for key, value in (extra or {}).items():
+        conf.set_string(key, value)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    if settings.parallelism > 0:
+        env.set_parallelism(settings.parallelism)
+    if settings.checkpoint_interval_ms > 0:
+        env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+    jar = connector_jar(settings)
+    if jar is not None:
+        env.add_jars(jar.as_uri())
+    return env
+
+
+def connector_jar(settings: Settings) -> Path | None:
+    if settings.connector_jar:
+        return Path(settings.connector_jar).resolve()
+    try:
+        from modelserving.jars import connector_jar as fetched
+    except ImportError:  # job files shipped without the CLI package: rely on -j / pipeline.jars
+        return None
+    return fetched()
+
+
+def _client_properties(settings: Settings) -> dict[str, str]:
+    return settings.kafka_properties()
+
+
+def kafka_source(settings: Settings, topic: str, group_id: str,
+                 offsets: KafkaOffsetsInitializer) -> KafkaSource:
+    builder = (KafkaSource.builder()
+               .set_bootstrap_servers(settings.bootstrap_servers)
+               .set_topics(topic)
+               .set_group_id(group_id)
+               .set_starting_offsets(offsets)
+               .set_value_only_deserializer(ByteArraySchema())
+               .set_property("partition.discovery.interval.ms", "10000")
+               .set_property("client.id.prefix", group_id))
+    for key, value in _client_properties(settings).items():
+        builder.set_property(key, value)
+    return builder.build()
+
+
+def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
+    serializer = (KafkaRecordSerializationSchema.builder()
+                  .set_topic(topic)
+                  .set_value_serialization_schema(ByteArraySchema())
+                  .build())
+    guarantee = {"exactly-once": DeliveryGuarantee.EXACTLY_ONCE,
+                 "at-least-once": DeliveryGuarantee.AT_LEAST_ONCE,
+                 "none": DeliveryGuarantee.NONE}[settings.delivery_guarantee]
+    builder = (KafkaSink.builder()
+               .set_bootstrap_servers(settings.bootstrap_servers)
+               .set_record_serializer(serializer)
+               .set_delivery_guarantee(guarantee)
+               .set_property("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS))
+    if guarantee == DeliveryGuarantee.EXACTLY_ONCE:
+        builder.set_transactional_id_prefix(f"{settings.transactional_id_prefix}-{purpose}")
+    for key, value in _client_properties(settings).items():
+        builder.set_property(key, value)
+    return builder.build()
+
+
+def data_offsets(settings: Settings) -> KafkaOffsetsInitializer:
+    if settings.data_starting_offsets == "earliest":
+        return KafkaOffsetsInitializer.earliest()
+    if settings.data_starting_offsets == "latest":
+        return KafkaOffsetsInitializer.latest()
+    return KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST)
+
+
+def kafka_pipeline(env: StreamExecutionEnvironment, settings: Settings, build: BuildPipeline,
+                   job: str) -> None:
+    """Kafka in, ``build``, Kafka out. Models are always read from the earliest offset when
+    the job has no state, so a fresh job finds the latest model of every data type."""
+    data = env.from_source(kafka_source(settings, settings.data_topic, settings.group_id,
+                                        data_offsets(settings)),
+                           WatermarkStrategy.no_watermarks(), "data: " + settings.data_topic
+                           ).uid(f"{job}-data-source")
+    models = env.from_source(kafka_source(settings, settings.models_topic,
+                                          settings.group_id + "-models",
+                                          KafkaOffsetsInitializer.earliest()),
+                             WatermarkStrategy.no_watermarks(), "models: " + settings.models_topic
+                             ).uid(f"{job}-models-source")
+    results, dead_letters = build(data, models, settings)
+    results.sink_to(kafka_sink(settings, settings.results_topic, "results")) \
+        .name("results: " + settings.results_topic).uid(f"{job}-results-sink")
+    dead_letters.sink_to(kafka_sink(settings, settings.dead_letter_topic, "dead-letters")) \
+        .name("dead letters: " + settings.dead_letter_topic).uid(f"{job}-dead-letters-sink")
+
+
+def run_job(job: str, build: BuildPipeline, argv: list[str] | None = None) -> None:
+    """The thin ``main`` of every job: settings, environment, Kafka pipeline, execute."""
+    logging.basicConfig(level=os.environ.get("MODELSERVING_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_sources(argv).for_job(job)
+    log.info("starting %s with settings %s", settings.job_name, settings.describe())
+    env = create_environment(settings)
+    kafka_pipeline(env, settings, build, job)
+    env.execute(settings.job_name)

@@ -1,0 +1,143 @@
+"""One typed settings object for both jobs, the CLI and the tests.
+
+Each field is set, from highest to lowest precedence, by a command-line option
+(``--data-topic mdata``), an environment variable (``MODELSERVING_DATA_TOPIC=mdata``) or its
+default. Lists (``model_dirs``) are comma-separated in both. Secrets (SASL passwords) are
+read only from the environment or a properties file, and never logged.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+ENV_PREFIX = "MODELSERVING_"
+DELIVERY_GUARANTEES = ("at-least-once", "exactly-once", "none")
+STARTING_OFFSETS = ("earliest", "latest", "committed")
+
+
+def _setting(default, help_text: str, *, secret: bool = False, choices=None):
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help_text, "secret": secret, "choices": choices}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers")
+    data_topic: str = _setting("mdata", "topic of data records (tutorial default: mdata)")
+    models_topic: str = _setting("models", "topic of ModelDescriptor messages (tutorial default: models)")
+    results_topic: str = _setting("results", "topic the ServingResult messages are written to")
+    dead_letter_topic: str = _setting("dead-letters", "topic of bad records and bad models, with reasons")
+    group_id: str = _setting("", "Kafka consumer group id; empty means modelserving-<job>")
+    data_starting_offsets: str = _setting(
+        "committed", "where a job without state starts reading data: earliest, latest, or committed "
+        "(the group's offsets, else earliest)", choices=STARTING_OFFSETS)
+    parallelism: int = _setting(0, "job parallelism; 0 keeps Flink's default")
+    checkpoint_interval_ms: int = _setting(10_000, "checkpoint interval; 0 disables checkpointing")
+    delivery_guarantee: str = _setting(
+        "at-least-once", "Kafka sink guarantee: at-least-once, exactly-once (transactional, results "
+        "visible at checkpoint completion) or none", choices=DELIVERY_GUARANTEES)
+    transactional_id_prefix: str = _setting("", "exactly-once only; empty means the job's name")
+    model_dirs: tuple[str, ...] = _setting(
+        tuple, "directories a model location may point into (comma-separated); a location "
+        "anywhere else is refused")
+    max_model_bytes: int = _setting(
+        64 * 1024 * 1024, "largest model accepted, inline bytes or total size at its location")
+    job_name: str = _setting("", "Flink job name; empty means modelserving-<job>")
+    python_executable: str = _setting(
+        lambda: sys.executable, "Python interpreter of the Flink Python workers")
+    connector_jar: str = _setting("", "path of the Flink Kafka connector jar; empty means the "
+                                  "one fetched by `modelserving jars fetch`")
+    rest_port: int = _setting(8081, "web UI / REST port of the local (embedded) Flink")
+    kafka_properties_file: str = _setting(
+        "", "Java properties file with extra Kafka client settings (security, SASL): secrets "
+        "belong here or in the environment, never on the command line", secret=True)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None,
+                     environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from arguments, then ``MODELSERVING_*`` variables, then defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+        if argv is not None:
+            parsed = cls.argument_parser().parse_args(list(argv))
+            for f in fields(cls):
+                raw = getattr(parsed, f.name)
+                if raw is not None:
+                    values[f.name] = _convert(f, raw)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @classmethod
+    def argument_parser(cls, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+        parser = parser or argparse.ArgumentParser(add_help=False)
+        for f in fields(cls):
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                                choices=f.metadata.get("choices"),
+                                help=f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()})")
+        return parser
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, "
+                                 f"not {getattr(self, f.name)!r}")
+        if self.max_model_bytes <= 0:
+            raise ValueError("max_model_bytes must be positive")
+        topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic]
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"data, models, results and dead-letter topics must differ: {topics}")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # -- derived values -------------------------------------------------------------------
+
+    def for_job(self, job: str) -> "Settings":
+        """Fill the per-job defaults (group id, job name, transactional prefix)."""
+        name = self.job_name or f"modelserving-{job}"
+        return self.replace(job_name=name, group_id=self.group_id or name,
+                            transactional_id_prefix=self.transactional_id_prefix or name)
+
+    def kafka_properties(self) -> dict[str, str]:
+        """Extra client properties from the properties file (``key=value`` lines)."""
+        if not self.kafka_properties_file:
+            return {}
+        props = {}
+        for line in Path(self.kafka_properties_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith(("#", "!")) and "=" in line:
+                key, value = line.split("=", 1)
+                props[key.strip()] = value.strip()
+        return props
+
+    def describe(self) -> dict:
+        """The settings as a dict safe to log: secret-bearing values are masked."""
+        return {f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else
+                         getattr(self, f.name)) for f in fields(self)}
+
+    def resolved_model_dirs(self) -> tuple[Path, ...]:
+        return tuple(Path(d).expanduser().resolve() for d in self.model_dirs if d)
+
+
+def _convert(f: dataclasses.Field, raw):
+    if f.type in ("int", int):
+        return int(raw)
+    if f.type in ("tuple[str, ...]",):
+        if isinstance(raw, (list, tuple)):
+            return tuple(raw)
+        return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+    return raw

@@ -1,0 +1,133 @@
+"""Model descriptors: parse, enforce the policies, and describe the model for results and logs.
+
+Policies are checked before any model library sees the model: the size limit, locations
+confined to the configured model directories (symlinks resolved first), and the presence of
+content. Format-specific checks (a PMML DOCTYPE, corrupt bytes) belong to the runtimes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from google.protobuf.message import DecodeError
+
+from protos import ModelDescriptor, ModelType
+from udfs.errors import ModelRejected, UnknownModelType
+from udfs.runtimes.base import LoadRequest
+
+#: Formats whose models are a directory, so they can only come by location.
+LOCATION_ONLY_TYPES = frozenset({ModelType.TENSORFLOWSAVED})
+#: Formats that take every feature by position (the others pick inputs by name).
+VECTOR_TYPES = frozenset({ModelType.TENSORFLOW, ModelType.TENSORFLOWSAVED, ModelType.ONNX})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What results, logs and statistics say about a model."""
+
+    data_type: str
+    name: str
+    version: str
+    description: str
+    model_type: int
+    model_id: str          # digest of the descriptor bytes: identifies the model in state
+
+    @property
+    def type_name(self) -> str:
+        return ModelType.Name(self.model_type) if self.model_type in ModelType.values() else str(self.model_type)
+
+    def __str__(self) -> str:
+        version = f" v{self.version}" if self.version else ""
+        return f"{self.type_name} model '{self.name}'{version} for data type '{self.data_type}'"
+
+
+def model_id(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def parse_descriptor(raw: bytes) -> ModelDescriptor:
+    if not raw:
+        raise ModelRejected("empty model message")
+    try:
+        descriptor = ModelDescriptor.FromString(raw)
+    except (DecodeError, ValueError) as exc:
+        raise ModelRejected(f"not a ModelDescriptor protobuf ({exc})") from None
+    if not descriptor.dataType:
+        raise ModelRejected("model descriptor has no dataType", name=descriptor.name,
+                            version=descriptor.version)
+    return descriptor
+
+
+def describe(descriptor: ModelDescriptor, raw: bytes) -> ModelInfo:
+    return ModelInfo(data_type=descriptor.dataType, name=descriptor.name,
+                     version=descriptor.version, description=descriptor.description,
+                     model_type=descriptor.modeltype, model_id=model_id(raw))
+
+
+def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
+                 max_model_bytes: int) -> LoadRequest:
+    """Check a descriptor against the policies and say what the runtime must load."""
+    who = dict(name=descriptor.name, version=descriptor.version, data_type=descriptor.dataType)
+    if descriptor.modeltype not in ModelType.values():
+        raise UnknownModelType(f"unknown model type {descriptor.modeltype}; supported: "
+                               f"{', '.join(ModelType.keys())}", **who)
+    content = descriptor.WhichOneof("MessageContent")
+    data, location = None, None
+    if content is None:
+        raise ModelRejected("descriptor has neither data nor location", **who)
+    if content == "data":
+        if not descriptor.data:
+            raise ModelRejected("descriptor has empty inline data", **who)
+        if descriptor.modeltype in LOCATION_ONLY_TYPES:
+            raise ModelRejected(f"{ModelType.Name(descriptor.modeltype)} models are directories "
+                                f"and must be sent by location", **who)
+        _check_size(len(descriptor.data), max_model_bytes, who)
+        data = descriptor.data
+    else:
+        location = confined_location(descriptor.location, model_dirs, who)
+        _check_size(_size_of(location), max_model_bytes, who)
+        if descriptor.modeltype not in LOCATION_ONLY_TYPES:
+            if not location.is_file():
+                raise ModelRejected(f"location {descriptor.location} is not a file", **who)
+            data, location = location.read_bytes(), None
+    return LoadRequest(name=descriptor.name, version=descriptor.version,
+                       data_type=descriptor.dataType, model_type=descriptor.modeltype,
+                       data=data, location=location,
+                       input_features=tuple(descriptor.inputFeatures),
+                       signature=descriptor.signature,
+                       class_labels=tuple(descriptor.classLabels))
+
+
+def confined_location(location: str, model_dirs: Sequence[Path], who: dict) -> Path:
+    """Resolve a location (a path or file:// URI) and refuse anything outside ``model_dirs``."""
+    if not model_dirs:
+        raise ModelRejected(f"location {location!r} refused: no model directories are configured "
+                            f"(set model_dirs)", **who)
+    text = location[len("file://"):] if location.startswith("file://") else location
+    if not text:
+        raise ModelRejected("empty location", **who)
+    candidates = [Path(text)] if os.path.isabs(text) else [d / text for d in model_dirs]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        inside = any(resolved == d or d in resolved.parents for d in model_dirs)
+        if not inside:
+            raise ModelRejected(f"location {location!r} lies outside the model directories "
+                                f"({', '.join(str(d) for d in model_dirs)})", **who)
+        if resolved.exists():
+            return resolved
+    raise ModelRejected(f"location {location!r} does not exist", **who)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _check_size(size: int, limit: int, who: dict) -> None:
+    if size > limit:
+        raise ModelRejected(f"model is {size} bytes, over the limit of {limit} bytes "
+                            f"(max_model_bytes)", **who)

@@ -1,0 +1,207 @@
+"""The scoring function both joins share: record bytes in, result or dead-letter bytes out.
+
+``ModelServer`` knows nothing of Flink. A Flink function owns the state (the descriptor bytes
+of the current model per data type) and hands it over; the server keeps only a transient
+cache of loaded models, rebuilt lazily from those bytes after a restore.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from protos import DeadLetter, ServingResult
+from udfs.errors import ModelError, RecordError
+from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
+from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
+from udfs.runtimes import load_model
+from udfs.runtimes.base import ModelRuntime
+
+log = logging.getLogger("modelserving")
+
+SCORED = "scored"
+NO_MODEL = "no_model"
+BAD_RECORD = "bad_record"
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    raw: bytes                    # the descriptor bytes, as kept in Flink state
+    runtime: ModelRuntime
+    since_ms: int
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str                     # SCORED, NO_MODEL or BAD_RECORD
+    payload: bytes                # ServingResult bytes, or DeadLetter bytes for BAD_RECORD
+    data_type: str
+    micros: float = 0.0
+
+    @property
+    def is_dead_letter(self) -> bool:
+        return self.kind == BAD_RECORD
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ModelServer:
+    """Per-subtask model cache plus the parse → score → serialize path."""
+
+    def __init__(self, *, model_dirs: Sequence[str | Path] = (), max_model_bytes: int,
+                 data_topic: str, models_topic: str, subtask: int = 0):
+        self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
+        self.max_model_bytes = max_model_bytes
+        self.data_topic = data_topic
+        self.models_topic = models_topic
+        self.subtask = subtask
+        self._cache: dict[str, LoadedModel] = {}
+        self._broken: dict[str, tuple[str, ModelError]] = {}   # data type -> (model id, error)
+
+    # -- models -----------------------------------------------------------------------------
+
+    def build(self, raw: bytes) -> LoadedModel | Withdrawal:
+        """Validate and load a descriptor without touching what is serving; raises ModelError."""
+        descriptor = parse_descriptor(raw)
+        info = describe(descriptor, raw)
+        if descriptor.withdraw:
+            return Withdrawal(info)
+        request = load_request(descriptor, self.model_dirs, self.max_model_bytes)
+        runtime = load_model(request)
+        return LoadedModel(info=info, raw=raw, runtime=runtime, since_ms=now_ms())
+
+    def install(self, data_type: str, model: LoadedModel | None) -> LoadedModel | None:
+        """Make ``model`` current for ``data_type`` (None withdraws); close the replaced one."""
+        old = self._cache.pop(data_type, None)
+        self._broken.pop(data_type, None)
+        if model is not None:
+            self._cache[data_type] = model
+        if old is not None and old is not model:
+            _close_quietly(old)
+        return old
+
+    def current(self, data_type: str, model_id: str | None,
+                stored_descriptor: Callable[[], bytes | None]) -> LoadedModel | None:
+        """The model serving ``data_type`` according to state, loading it after a restore.
+
+        ``model_id`` is the id kept in state; a cache entry with another id is stale. A stored
+        model that fails to load raises its ModelError (remembered, so it is not retried for
+        every record).
+        """
+        if not model_id:
+            if data_type in self._cache:
+                self.install(data_type, None)
+            return None
+        cached = self._cache.get(data_type)
+        if cached is not None and cached.info.model_id == model_id:
+            return cached
+        broken = self._broken.get(data_type)
+        if broken is not None and broken[0] == model_id:
+            raise broken[1]
+        raw = stored_descriptor()
+        try:
+            if raw is None:
+                raise ModelError(f"model {model_id} is in state without its descriptor")
+            model = self.build(raw)
+            if isinstance(model, Withdrawal):
+                raise ModelError("a withdrawal is stored as a model")
+        except ModelError as exc:
+            self._broken[data_type] = (model_id, exc)
+            log.error("model restored from state for data type '%s' failed to load: %s", data_type, exc)
+            raise
+        log.info("restored %s from state", model.info)
+        self.install(data_type, model)
+        return model
+
+    def model_dead_letter(self, raw: bytes, error: ModelError) -> bytes:
+        return DeadLetter(kind=DeadLetter.BAD_MODEL, raw=raw, sourceTopic=self.models_topic,
+                          reason=str(error), dataType=error.data_type, modelName=error.name,
+                          modelVersion=error.version, atMs=now_ms(),
+                          subtask=self.subtask).SerializeToString()
+
+    def close(self) -> None:
+        for model in self._cache.values():
+            _close_quietly(model)
+        self._cache.clear()
+
+    # -- records ----------------------------------------------------------------------------
+
+    def serve(self, raws: Iterable[bytes], model: LoadedModel | None,
+              model_error: ModelError | None = None) -> list[Outcome]:
+        """Score records of one data type with ``model`` as one batch, in input order."""
+        outcomes: list[Outcome | None] = []
+        rows: list[list[float]] = []
+        scored: list[tuple[int, ParsedRecord]] = []
+        for raw in raws:
+            data_type = ""
+            try:
+                record = parse_record(raw)
+                data_type = record.data_type
+                if model_error is not None:
+                    raise RecordError(f"the model serving data type '{record.data_type}' could "
+                                      f"not be loaded: {model_error}")
+                if model is None:
+                    outcomes.append(Outcome(NO_MODEL, self._no_model(record), record.data_type))
+                    continue
+                rows.append(feature_row(record, model.runtime.input_names,
+                                        exact=model.info.model_type in VECTOR_TYPES))
+                scored.append((len(outcomes), record))
+                outcomes.append(None)
+            except RecordError as exc:
+                outcomes.append(self._bad_record(raw, exc, model, data_type))
+        if rows:
+            self._score(model, rows, scored, outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _score(self, model: LoadedModel, rows, scored, outcomes) -> None:
+        started = time.perf_counter()
+        try:
+            predictions = model.runtime.score(to_batch(rows, model.runtime.input_names))
+        except Exception as exc:  # a library failure on this input must not stop the job
+            log.warning("%s failed to score a batch of %d: %s", model.info, len(rows), exc)
+            for position, record in scored:
+                outcomes[position] = self._bad_record(
+                    record.raw, RecordError(f"scoring failed: {exc}"), model, record.data_type)
+            return
+        micros = (time.perf_counter() - started) * 1e6 / len(rows)
+        served = now_ms()
+        info = model.info
+        for (position, record), prediction in zip(scored, predictions):
+            result = ServingResult(
+                status=ServingResult.SCORED, dataType=record.data_type, recordId=record.record_id,
+                recordTs=record.ts, modelName=info.name, modelVersion=info.version,
+                modelType=info.model_type, score=prediction.value, label=prediction.label,
+                probabilities=prediction.probabilities, classLabels=prediction.class_labels,
+                scoringMicros=micros, servedMs=served, subtask=self.subtask)
+            outcomes[position] = Outcome(SCORED, result.SerializeToString(), record.data_type, micros)
+
+    def _no_model(self, record: ParsedRecord) -> bytes:
+        return ServingResult(status=ServingResult.NO_MODEL, dataType=record.data_type,
+                             recordId=record.record_id, recordTs=record.ts, servedMs=now_ms(),
+                             subtask=self.subtask).SerializeToString()
+
+    def _bad_record(self, raw: bytes, error: RecordError, model: LoadedModel | None,
+                    data_type: str) -> Outcome:
+        letter = DeadLetter(kind=DeadLetter.BAD_RECORD, raw=raw, sourceTopic=self.data_topic,
+                            reason=str(error), dataType=data_type,
+                            modelName=model.info.name if model else "",
+                            modelVersion=model.info.version if model else "",
+                            atMs=now_ms(), subtask=self.subtask)
+        return Outcome(BAD_RECORD, letter.SerializeToString(), data_type)
+
+
+def _close_quietly(model: LoadedModel) -> None:
+    try:
+        model.runtime.close()
+    except Exception as exc:  # closing an old model must never break serving the new one
+        log.warning("closing %s failed: %s", model.info, exc)
