@@ -1,0 +1,1 @@
+"""Command-line tools, Kafka client, local services and demo around the Flink jobs."""
