@@ -37,7 +37,8 @@ TRANSACTION_TIMEOUT_MS = "900000"
 BuildPipeline = Callable[[DataStream, DataStream, Settings], "tuple[DataStream, DataStream]"]
 
 
-def create_environment(settings: Settings, extra: dict[str, str] | None = None) -> StreamExecutionEnvironment:
+def create_environment(settings: Settings, extra: dict[str, str] | None = None,
+                       with_connector: bool = True) -> StreamExecutionEnvironment:
     """The execution environment: local (with web UI on ``rest_port``) or the cluster a
     ``flink run`` submitted to."""
     conf = Configuration()
@@ -51,7 +52,7 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None) 
         env.set_parallelism(settings.parallelism)
     if settings.checkpoint_interval_ms > 0:
         env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
-    jar = connector_jar(settings)
+    jar = connector_jar(settings) if with_connector else None
     if jar is not None:
         env.add_jars(jar.as_uri())
     return env

@@ -124,6 +124,11 @@ class Settings:
                 props[key.strip()] = value.strip()
         return props
 
+    def to_environ(self) -> dict[str, str]:
+        """The settings as ``MODELSERVING_*`` variables, to hand to a job in another process."""
+        return {ENV_PREFIX + f.name.upper(): (",".join(v) if isinstance(v, tuple) else str(v))
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
     def describe(self) -> dict:
         """The settings as a dict safe to log: secret-bearing values are masked."""
         return {f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else

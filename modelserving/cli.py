@@ -98,7 +98,7 @@ def cmd_publish(args) -> int:
             if args.csv:
                 rows = client.rows_from_csv(args.csv, args.data_type or "wine")
             else:
-                from modelserving.training import demo_rows
+                from modelserving.client import demo_rows
                 rows = demo_rows()
             sent = client.publish_records(kafka, settings.data_topic, rows, rate=args.rate,
                                           count=args.count, loop=args.loop)

@@ -42,3 +42,8 @@ def test_secrets_are_masked_and_read_from_a_file(tmp_path):
     assert settings.kafka_properties()["sasl.jaas.config"] == "secret"
     assert settings.describe()["kafka_properties_file"] == "***"
     assert "secret" not in repr(settings.describe())
+
+
+def test_environment_round_trip():
+    settings = Settings.from_sources(["--model-dirs", "/m1,/m2", "--parallelism", "2"], environ={})
+    assert Settings.from_sources([], environ=settings.to_environ()) == settings

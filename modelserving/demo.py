@@ -1,0 +1,193 @@
+"""The demo: the whole product on one machine, stopped by Ctrl-C.
+
+Starts a local Kafka broker (KRaft), runs the keyed job on a local Flink with its web UI,
+trains the demo models, publishes them one after another while streaming demo records, and
+prints results as they arrive: every model switch is announced when the first record scored
+by the new model comes back. A bad record and a bad model show the dead-letter path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from jobs.settings import Settings
+from modelserving import client
+from modelserving.cli import VAR_DIR, create_topics
+from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
+
+DEMO_DIR = VAR_DIR / "demo"
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_for_running_job(rest_port: int, job: subprocess.Popen, timeout_s: float = 180) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise RuntimeError(f"the job exited with code {job.returncode}; see {DEMO_DIR / 'job.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/jobs/overview", timeout=2) as r:
+                jobs = json.load(r)["jobs"]
+            running = [j for j in jobs if j["state"] == "RUNNING"]
+            if running and all(running[0]["tasks"].get(k, 0) == 0 for k in ("created", "scheduled", "deploying")):
+                return running[0]["jid"]
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the job was not running after {timeout_s:.0f} s; see {DEMO_DIR / 'job.log'}")
+
+
+class Follower(threading.Thread):
+    """Reads results and dead letters; prints switches, dead letters and a sample of results."""
+
+    def __init__(self, settings: Settings, sample_every: int = 10):
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.sample_every = sample_every
+        self.counts: Counter = Counter()
+        self.current_model = None
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        kafka = client.consumer(self.settings.bootstrap_servers,
+                                [self.settings.results_topic, self.settings.dead_letter_topic])
+        try:
+            while not self.stopped.is_set():
+                for _, message in client.follow(kafka, self.settings.dead_letter_topic, timeout_s=0.5):
+                    self.show(message)
+                    if self.stopped.is_set():
+                        break
+        finally:
+            kafka.close()
+
+    def show(self, message) -> None:
+        if isinstance(message, DeadLetter):
+            self.counts["dead letters"] += 1
+            say(client.describe_message(message))
+            return
+        if message.status == ServingResult.NO_MODEL:
+            self.counts["no model"] += 1
+            if self.counts["no model"] % self.sample_every == 1:
+                say(client.describe_message(message))
+            return
+        model = (ModelType.Name(message.modelType), message.modelName, message.modelVersion)
+        self.counts[f"{model[0]} {model[1]} v{model[2]}"] += 1
+        if model != self.current_model:
+            self.current_model = model
+            say(f"==> now serving {model[0]} model '{model[1]}' v{model[2]} "
+                f"(first result {max(0, message.servedMs - message.recordTs)} ms after its record was sent)")
+            say(client.describe_message(message))
+        elif sum(self.counts.values()) % self.sample_every == 0:
+            say(client.describe_message(message))
+
+
+def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 9092,
+             rate: float = 20.0, switch_every_s: float = 20.0) -> int:
+    from modelserving.kafka_local import LocalKafka, free_port
+    from modelserving.training import DEMO_DATA_TYPE, descriptor_for, load_manifest, train_all
+
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(DEMO_DIR / "kafka", ignore_errors=True)  # every demo starts from empty topics
+    if not port_is_free(kafka_port):
+        kafka_port = free_port()
+    if not port_is_free(rest_port):
+        raise SystemExit(f"port {rest_port} is taken; pass --rest-port for the Flink web UI")
+    broker = LocalKafka(DEMO_DIR / "kafka", port=kafka_port, controller_port=free_port())
+    job = None
+    follower = None
+    interrupted = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
+    try:
+        say(f"starting Kafka (KRaft) on {broker.bootstrap} ...")
+        broker.start()
+        models_dir = VAR_DIR / "models"
+        try:
+            models = load_manifest(models_dir)
+        except (FileNotFoundError, ValueError):
+            say(f"training the demo models into {models_dir} ...")
+            models = train_all(models_dir)
+        settings = Settings.from_sources(
+            [], bootstrap_servers=broker.bootstrap, model_dirs=(str(models_dir.resolve()),),
+            parallelism=2, rest_port=rest_port, checkpoint_interval_ms=5000).for_job("keyed")
+        create_topics(settings)
+        say("starting the keyed job on a local Flink ...")
+        log_file = open(DEMO_DIR / "job.log", "w")
+        job = subprocess.Popen([sys.executable, "-m", "jobs.keyed_job"], stdout=log_file,
+                               stderr=subprocess.STDOUT, env={**os.environ, **settings.to_environ()},
+                               start_new_session=True)
+        jid = wait_for_running_job(rest_port, job)
+        say(f"job running; Flink web UI: http://localhost:{rest_port}/#/job/running/{jid}/overview "
+            f"(job log: {DEMO_DIR / 'job.log'})")
+        follower = Follower(settings)
+        follower.start()
+
+        kafka = client.producer(settings.bootstrap_servers)
+        rows = client.demo_rows()
+        publisher = threading.Thread(
+            target=lambda: client.publish_records(kafka, settings.data_topic, rows, rate=rate,
+                                                  loop=True, count=int(rate * duration_s) if duration_s else 0),
+            daemon=True)
+        publisher.start()
+        say(f"streaming {DEMO_DATA_TYPE} records at {rate:g}/s; Ctrl-C stops everything")
+        started = time.monotonic()
+        next_switch, next_status, index = started, started + 5, 0
+        while not interrupted.is_set():
+            now = time.monotonic()
+            if duration_s and now - started >= duration_s:
+                break
+            if now >= next_switch:
+                model = models[index % len(models)]
+                client.publish_model(kafka, settings.models_topic, descriptor_for(model))
+                say(f"published {ModelType.Name(model.model_type)} model '{model.name}' v{model.version}")
+                if index == 1:
+                    show_dead_letters(kafka, settings)
+                index += 1
+                next_switch = now + switch_every_s
+            if now >= next_status:
+                say("results so far: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
+                next_status = now + 5
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        say("stopping ...")
+        if follower is not None:
+            follower.stopped.set()
+            say("results: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
+        if job is not None and job.poll() is None:
+            os.killpg(job.pid, signal.SIGTERM)
+            try:
+                job.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+        broker.stop()
+        say("stopped Flink and Kafka")
+    return 0
+
+
+def show_dead_letters(kafka, settings: Settings) -> None:
+    """One bad record and one bad model: both come back as dead letters, serving goes on."""
+    kafka.send(settings.data_topic, value=b"\x08\x96\x01 not a record").get(10)
+    from modelserving.training import DEMO_DATA_TYPE
+
+    bad = ModelDescriptor(name="broken", version="0", dataType=DEMO_DATA_TYPE,
+                          modeltype=ModelType.ONNX, data=b"these are not ONNX bytes")
+    client.publish_model(kafka, settings.models_topic, bad)
+    say("published a corrupt record and a corrupt model (watch for dead letters)")

@@ -1,0 +1,119 @@
+"""The keyed job on the local Flink environment, with in-memory sources (parallelism 2)."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from jobs.settings import Settings
+from modelserving.client import Row, demo_rows, encode_record
+from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
+from udfs.models import load_request, parse_descriptor
+from udfs.records import to_batch
+from udfs.runtimes import load_model
+
+pytestmark = pytest.mark.job
+
+
+class DelayedStart:
+    """Holds the data back at start so the models reach the join first."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def open(self, runtime_context):
+        time.sleep(self.seconds)
+
+    def map(self, value):
+        return value
+
+
+def run_keyed(records: list[bytes], models: list[bytes], settings: Settings):
+    from pyflink.datastream import MapFunction
+
+    from jobs.keyed_job import build_pipeline
+    from jobs.pipeline import create_environment
+    from udfs.joins import BYTES
+
+    class Delay(DelayedStart, MapFunction):
+        pass
+
+    env = create_environment(settings, with_connector=False)
+    data = env.from_collection(records, type_info=BYTES).map(Delay(4.0), output_type=BYTES)
+    model_stream = env.from_collection(models, type_info=BYTES)
+    results, dead_letters = build_pipeline(data, model_stream, settings)
+    from pyflink.common import Types
+    tagged = Types.TUPLE([Types.STRING(), BYTES])
+    both = results.map(lambda b: ("result", b), output_type=tagged).union(
+        dead_letters.map(lambda b: ("dead", b), output_type=tagged))
+    with both.execute_and_collect() as collected:
+        out = list(collected)
+    return ([ServingResult.FromString(bytes(b)) for kind, b in out if kind == "result"],
+            [DeadLetter.FromString(bytes(b)) for kind, b in out if kind == "dead"])
+
+
+def expected_predictions(descriptor_bytes: bytes, rows: list[Row], model_dirs):
+    request = load_request(parse_descriptor(descriptor_bytes), model_dirs, 10**9)
+    runtime = load_model(request)
+    by_name = [dict(zip(r.names, r.values)) for r in rows]
+    batch = to_batch([[d[n] for n in runtime.input_names] for d in by_name], runtime.input_names)
+    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
+
+
+@pytest.fixture(scope="module")
+def settings(trained_models):
+    model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
+    return Settings.from_sources([], environ={}, parallelism=2, checkpoint_interval_ms=0,
+                                 model_dirs=(str(model_dir),), max_model_bytes=5_000_000,
+                                 rest_port=0).for_job("keyed-test")
+
+
+def test_keyed_job_scores_every_record_and_dead_letters_bad_input(trained_models, settings):
+    rows = demo_rows()[:60]
+    onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
+    bad_model = ModelDescriptor(name="broken", dataType=DEMO_DATA_TYPE, modeltype=ModelType.ONNX,
+                                data=b"not onnx").SerializeToString()
+    nan_row = Row(DEMO_DATA_TYPE, rows[0].names, (math.nan,) + rows[0].values[1:], "nan-row")
+    other_type = Row("no-model-type", ("a",), (1.0,), "orphan")
+    records = [encode_record(r) for r in rows] + [b"", b"\xff\xfe garbage", encode_record(nan_row),
+                                                    encode_record(other_type)]
+    results, dead = run_keyed(records, [onnx, bad_model], settings)
+
+    expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
+    scored = {r.recordId: r for r in results if r.status == ServingResult.SCORED}
+    assert set(scored) == set(expected)
+    for record_id, prediction in expected.items():
+        result = scored[record_id]
+        assert result.modelName == trained_models[ModelType.ONNX].name
+        assert result.label == prediction.label
+        assert list(result.probabilities) == pytest.approx(list(prediction.probabilities), abs=1e-6)
+    no_model = [r for r in results if r.status == ServingResult.NO_MODEL]
+    assert [r.recordId for r in no_model] == ["orphan"]
+    assert len(results) == len(rows) + 1
+
+    reasons = sorted(d.reason for d in dead)
+    assert len(dead) == 4
+    assert any("empty message" in r for r in reasons)
+    assert any("not a WineRecord or DataRecord protobuf" in r for r in reasons)
+    assert any(f"feature '{rows[0].names[0]}' is nan" in r for r in reasons)
+    [model_letter] = [d for d in dead if d.kind == DeadLetter.BAD_MODEL]
+    assert model_letter.raw == bad_model and "model 'broken'" in model_letter.reason
+
+
+def test_each_data_type_is_scored_by_its_own_model(trained_models, settings):
+    rows = demo_rows()[:30]
+    other = [Row("cultivar-pmml", r.names, r.values, "p" + r.record_id) for r in rows]
+    onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
+    pmml = descriptor_for(trained_models[ModelType.PMML], data_type="cultivar-pmml").SerializeToString()
+    results, dead = run_keyed([encode_record(r) for pair in zip(rows, other) for r in pair],
+                              [onnx, pmml], settings)
+    assert dead == []
+    by_id = {r.recordId: r for r in results}
+    assert len(by_id) == 60
+    expected_pmml = expected_predictions(pmml, other, settings.resolved_model_dirs())
+    for row in other:
+        assert by_id[row.record_id].modelType == ModelType.PMML
+        assert by_id[row.record_id].label == expected_pmml[row.record_id].label
+    assert {by_id[r.record_id].modelType for r in rows} == {ModelType.ONNX}
