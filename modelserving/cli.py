@@ -34,8 +34,7 @@ def _settings(args) -> Settings:
 
 def cmd_jars(args) -> int:
     from modelserving import jars
-    jars.fetch()
-    return 0
+    return jars.main(["fetch"])
 
 
 def cmd_kafka(args) -> int:

@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES, WINE_PROTO_FIELDS
 
-MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+from modelserving.kafka_admin import MAX_MESSAGE_BYTES
 
 
 def producer(bootstrap_servers: str, **config) -> KafkaProducer:

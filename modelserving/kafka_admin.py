@@ -3,23 +3,44 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+import kafka.errors as errors
+from kafka.admin import KafkaAdminClient
+
+#: Models travel as messages and can be big; the client side allows the same.
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+
+
+class TopicError(RuntimeError):
+    pass
 
 
 def ensure_topics(bootstrap_servers: str, topics: Iterable[str], compacted: Iterable[str] = (),
                   partitions: int = 2, replication: int = 1) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are."""
-    wanted = {t: {} for t in topics}
-    wanted.update({t: {"cleanup.policy": "compact"} for t in compacted})
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="modelserving-admin")
+    """Create the topics that do not exist yet (existing ones are left as they are) and
+    return once every topic has a leader. ``compacted`` topics get cleanup.policy=compact."""
+    if isinstance(topics, str):
+        topics = [topics]
+    compacted = [compacted] if isinstance(compacted, str) else list(compacted)
+    wanted = list(dict.fromkeys([*topics, *compacted]))
+    if not wanted:
+        return
+    spec = {}
+    for name in wanted:
+        configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+        if name in compacted:
+            configs["cleanup.policy"] = "compact"
+        spec[name] = {"num_partitions": partitions, "replication_factor": replication, "configs": configs}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="modelserving-admin",
+                             request_timeout_ms=10000)
     try:
-        missing = [NewTopic(name, partitions, replication, topic_configs=config)
-                   for name, config in wanted.items() if name not in set(admin.list_topics())]
-        for topic in missing:
-            try:
-                admin.create_topics([topic])
-            except TopicAlreadyExistsError:
-                pass
+        result = admin.create_topics(spec, raise_errors=False)
+        failed = []
+        for topic in result.get("topics", []):
+            err = errors.for_code(topic.get("error_code", 0))
+            if err not in (errors.NoError, errors.TopicAlreadyExistsError):
+                failed.append(f"{topic.get('name')}: {err.__name__} {topic.get('error_message') or ''}")
+        if failed:
+            raise TopicError("creating topics failed: " + "; ".join(failed))
+        admin.wait_for_topics(wanted, timeout_ms=30000)
     finally:
         admin.close()

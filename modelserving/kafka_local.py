@@ -24,10 +24,11 @@ import time
 import uuid
 from pathlib import Path
 
+from modelserving.kafka_admin import MAX_MESSAGE_BYTES
+
 __all__ = ["LocalKafka", "LocalKafkaError", "free_port", "free_ports"]
 
 HOST = "127.0.0.1"
-MAX_MESSAGE_BYTES = 20 * 1024 * 1024  # models travel as messages and can be big
 LOG_TAIL_LINES = 60
 
 
@@ -392,34 +393,7 @@ class LocalKafka:
 
     # ------------------------------------------------------------------ topics
     def create_topics(self, names, partitions: int = 2, compacted=()) -> None:
-        """Create topics (existing ones are left as they are); ``compacted`` ones get
-        ``cleanup.policy=compact``.  Returns once every topic has a leader."""
-        if isinstance(names, str):
-            names = [names]
-        if isinstance(compacted, str):
-            compacted = [compacted]
-        wanted = list(dict.fromkeys([*names, *compacted]))
-        if not wanted:
-            return
-        compacted = set(compacted)
-        spec = {}
-        for name in wanted:
-            configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-            if name in compacted:
-                configs["cleanup.policy"] = "compact"
-            spec[name] = {"num_partitions": partitions, "replication_factor": 1, "configs": configs}
-        import kafka.errors as errors
+        """Create topics on this broker; see ``kafka_admin.ensure_topics``."""
+        from modelserving.kafka_admin import ensure_topics
 
-        admin = self._admin()
-        try:
-            result = admin.create_topics(spec, raise_errors=False)
-            failed = []
-            for topic in result.get("topics", []):
-                err = errors.for_code(topic.get("error_code", 0))
-                if err not in (errors.NoError, errors.TopicAlreadyExistsError):
-                    failed.append(f"{topic.get('name')}: {err.__name__} {topic.get('error_message') or ''}")
-            if failed:
-                raise LocalKafkaError("creating topics failed: " + "; ".join(failed))
-            admin.wait_for_topics(wanted, timeout_ms=30000)
-        finally:
-            admin.close()
+        ensure_topics(self.bootstrap, names, compacted=compacted, partitions=partitions)

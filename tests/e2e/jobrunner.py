@@ -1,0 +1,118 @@
+"""Helpers of the end-to-end tests: a job in its own process, and a results collector."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from jobs.settings import Settings
+from modelserving import client
+from modelserving.kafka_local import free_port
+from protos import DeadLetter, ServingResult
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class JobProcess:
+    """A job started like a user would (``python -m jobs.<job>`` with MODELSERVING_* variables)
+    on its own local Flink, whose REST API tells when it is running."""
+
+    def __init__(self, module: str, settings: Settings, log_path: Path):
+        self.module = module
+        self.settings = settings.replace(rest_port=settings.rest_port or free_port())
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 240) -> "JobProcess":
+        env = {**os.environ, **self.settings.to_environ(), "PYTHONPATH": str(PROJECT_ROOT)}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=PROJECT_ROOT,
+                                        stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log_tail()}")
+            overview = self.rest("/jobs/overview")
+            running = [j for j in (overview or {}).get("jobs", []) if j["state"] == "RUNNING"]
+            if running and running[0]["tasks"]["running"] == running[0]["tasks"]["total"]:
+                self.job_id = running[0]["jid"]
+                return self
+            time.sleep(1)
+        raise TimeoutError(f"{self.module} not running after {timeout_s} s:\n{self.log_tail()}")
+
+    def rest(self, path: str):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.rest_port}{path}", timeout=3) as r:
+                return json.load(r)
+        except OSError:
+            return None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+class Collector(threading.Thread):
+    """Reads the results and dead-letter topics from the beginning, in the background."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.results: list[ServingResult] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        kafka = client.consumer(self.settings.bootstrap_servers,
+                                [self.settings.results_topic, self.settings.dead_letter_topic])
+        try:
+            while not self.stopped.is_set():
+                for topic, message in client.follow(kafka, self.settings.dead_letter_topic, timeout_s=0.3):
+                    with self.lock:
+                        (self.dead_letters if isinstance(message, DeadLetter) else self.results).append(message)
+        finally:
+            kafka.close()
+
+    def wait_for(self, predicate: Callable[["Collector"], object], timeout_s: float = 120,
+                 what: str = "condition"):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                value = predicate(self)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"timed out waiting for {what}; {len(self.results)} results, "
+                           f"{len(self.dead_letters)} dead letters so far")
+
+    def results_for(self, ids) -> dict[str, ServingResult]:
+        ids = set(ids)
+        with self.lock:
+            return {r.recordId: r for r in self.results if r.recordId in ids}
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)

@@ -1,0 +1,213 @@
+"""End to end on the real broker: models and records published with the client, results read
+back from Kafka. One job process per job module serves the whole scenario, in order."""
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+
+import pytest
+
+from jobs.settings import Settings
+from modelserving import client
+from modelserving.client import Row, encode_record
+from modelserving.kafka_admin import ensure_topics
+from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
+
+from .jobrunner import Collector, JobProcess
+
+pytestmark = pytest.mark.e2e
+
+JOB_MODULES = ["jobs.keyed_job"]
+MAX_MODEL_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="module", params=JOB_MODULES)
+def serving(request, kafka_broker, trained_models, tmp_path_factory):
+    """A running job with its own topics, a producer and a collector of its outputs."""
+    job = request.param.rsplit(".", 1)[-1]
+    suffix = f"{job}-{uuid.uuid4().hex[:6]}"
+    model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
+    settings = Settings.from_sources(
+        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
+        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
+        dead_letter_topic=f"dead-{suffix}", parallelism=2, checkpoint_interval_ms=2000,
+        model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
+    ensure_topics(settings.bootstrap_servers,
+                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
+                  compacted=[settings.models_topic], partitions=2)
+    process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
+    producer = client.producer(settings.bootstrap_servers)
+    collector = Collector(settings)
+    yield Scenario(settings, producer, collector, process, trained_models)
+    collector.stop()
+    producer.close()
+    process.stop()
+
+
+class Scenario:
+    def __init__(self, settings, producer, collector, process, models):
+        self.settings, self.producer, self.collector = settings, producer, collector
+        self.process, self.models = process, models
+        self.counter = itertools.count()
+
+    def send_records(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.producer.send(self.settings.data_topic, key=row.data_type.encode(), value=encode_record(row))
+        self.producer.flush()
+
+    def send_raw_record(self, raw: bytes) -> None:
+        self.producer.send(self.settings.data_topic, value=raw).get(10)
+
+    def send_model(self, descriptor: ModelDescriptor | bytes) -> None:
+        if isinstance(descriptor, ModelDescriptor):
+            client.publish_model(self.producer, self.settings.models_topic, descriptor)
+        else:
+            self.producer.send(self.settings.models_topic, value=descriptor).get(10)
+
+    def rows(self, prefix: str, n: int, data_type: str = DEMO_DATA_TYPE) -> list[Row]:
+        base = client.demo_rows()
+        return [Row(data_type, base[i % len(base)].names, base[i % len(base)].values,
+                    f"{prefix}-{i}") for i in range(n)]
+
+    def wait_until_serving(self, model_name: str, timeout_s: float = 120) -> None:
+        """Probe until a fresh record comes back scored by ``model_name``.
+
+        Records and models travel on different topics, so "published before" does not mean
+        "arrived before"; the probe makes the order explicit."""
+        def probed(c: Collector):
+            ids = {r.recordId for r in c.results if r.modelName == model_name and r.recordId.startswith("probe-")}
+            if not ids:
+                self.send_records(self.rows(f"probe-{next(self.counter)}", 1))
+            return ids
+        self.collector.wait_for(probed, timeout_s, f"a record scored by {model_name}")
+
+    def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
+        ids = list(ids)
+        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
+                                f"{len(ids)} results")
+        return self.collector.results_for(ids)
+
+
+def expected_for(model, rows: list[Row]):
+    from udfs.models import load_request
+    from udfs.records import to_batch
+    from udfs.runtimes import load_model
+
+    runtime = load_model(load_request(descriptor_for(model), [model.path.parent], 10**9))
+    batch = to_batch([[dict(zip(r.names, r.values))[n] for n in runtime.input_names] for r in rows],
+                     runtime.input_names)
+    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
+
+
+def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) -> None:
+    expected = expected_for(model, rows)
+    for row in rows:
+        result = results[row.record_id]
+        assert result.status == ServingResult.SCORED
+        assert (result.modelName, result.modelVersion, result.modelType) == \
+            (model.name, model.version, model.model_type)
+        assert result.label == expected[row.record_id].label
+        assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
+        assert list(result.probabilities) == pytest.approx(list(expected[row.record_id].probabilities), abs=1e-5)
+
+
+def test_record_before_any_model_is_reported(serving):
+    rows = serving.rows("early", 3, data_type="nothing-published-for-this-type")
+    serving.send_records(rows)
+    results = serving.wait_for_ids([r.record_id for r in rows])
+    assert {r.status for r in results.values()} == {ServingResult.NO_MODEL}
+
+
+def test_model_a_scores_records_then_model_b_takes_over(serving):
+    model_a, model_b = serving.models[ModelType.ONNX], serving.models[ModelType.TENSORFLOWSAVED]
+    serving.send_model(descriptor_for(model_a))
+    serving.wait_until_serving(model_a.name)
+    rows_a = serving.rows("a", 40)
+    serving.send_records(rows_a)
+    assert_scored_by(serving.wait_for_ids(r.record_id for r in rows_a), model_a, rows_a)
+
+    serving.send_model(descriptor_for(model_b))  # by location: a SavedModel directory
+    serving.wait_until_serving(model_b.name)
+    rows_b = serving.rows("b", 40)
+    serving.send_records(rows_b)
+    assert_scored_by(serving.wait_for_ids(r.record_id for r in rows_b), model_b, rows_b)
+
+
+def bad_models(models) -> dict[str, tuple[bytes, str]]:
+    """Every bad model of the issue, with the reason its dead letter must give."""
+    def d(name, **fields) -> bytes:
+        base = dict(name=name, version="9", dataType=DEMO_DATA_TYPE, modeltype=ModelType.ONNX)
+        base.update(fields)
+        return ModelDescriptor(**base).SerializeToString()
+    pmml_doctype = (b'<?xml version="1.0"?>\n<!DOCTYPE PMML [<!ENTITY e SYSTEM "file:///etc/passwd">]>\n'
+                    + models[ModelType.PMML].path.read_bytes().split(b"?>", 1)[1])
+    return {
+        "empty": (b"", "empty model message"),
+        "unparsable": (b"\xff\xff\xff not a descriptor", "not a ModelDescriptor protobuf"),
+        "unknown type": (d("unknown-type", modeltype=17, data=b"x"), "unknown model type 17"),
+        "corrupt onnx": (d("corrupt-onnx", data=b"\x08\x01 these are not onnx bytes"), "model 'corrupt-onnx'"),
+        "corrupt pmml": (d("corrupt-pmml", modeltype=ModelType.PMML, data=b"<PMML><oops"), "model 'corrupt-pmml'"),
+        "missing location": (d("missing", modeltype=ModelType.TENSORFLOWSAVED, location="nope/1"), "does not exist"),
+        "outside location": (d("outside", modeltype=ModelType.TENSORFLOWSAVED, location="/etc"),
+                             "outside the model directories"),
+        "doctype": (d("doctype", modeltype=ModelType.PMML, data=pmml_doctype), "DOCTYPE"),
+        "too large": (d("too-large", data=b"\0" * (MAX_MODEL_BYTES + 1)), "over the limit"),
+    }
+
+
+def test_bad_input_goes_to_dead_letters_and_serving_continues(serving):
+    model_b = serving.models[ModelType.TENSORFLOWSAVED]
+    serving.send_model(descriptor_for(model_b))
+    serving.wait_until_serving(model_b.name)
+
+    good = serving.rows("x", 1)[0]
+    bad_records = {
+        "empty": (b"", "empty message"),
+        "unparsable": (b"\xff\xfe\xfd garbage", "not a WineRecord or DataRecord protobuf"),
+        "nan": (encode_record(Row(DEMO_DATA_TYPE, good.names, (math.nan,) + good.values[1:], "nan")),
+                "is nan"),
+        "wrong count": (encode_record(Row(DEMO_DATA_TYPE, good.names[:5], good.values[:5], "few")),
+                        "wrong number of features"),
+    }
+    for raw, _ in bad_records.values():
+        serving.send_raw_record(raw)
+    models = bad_models(serving.models)
+    for raw, _ in models.values():
+        serving.send_model(raw)
+
+    def letters_by_raw(c: Collector):
+        found = {d.raw: d for d in c.dead_letters}
+        return found if all(raw in found for raw, _ in [*bad_records.values(), *models.values()]) else None
+    found = serving.collector.wait_for(letters_by_raw, 120, "a dead letter for every bad input")
+    for what, (raw, reason) in bad_records.items():
+        assert reason in found[raw].reason, what
+        assert found[raw].kind == DeadLetter.BAD_RECORD and found[raw].sourceTopic == serving.settings.data_topic
+    for what, (raw, reason) in models.items():
+        assert reason in found[raw].reason, what
+        assert found[raw].kind == DeadLetter.BAD_MODEL and found[raw].sourceTopic == serving.settings.models_topic
+
+    # the bad models left model B serving
+    after = serving.rows("after-bad", 20)
+    serving.send_records(after)
+    assert_scored_by(serving.wait_for_ids(r.record_id for r in after), model_b, after)
+    metrics = job_metrics(serving.process)
+    assert metrics.get("dead_letters_models", 0) >= len(models)
+    assert metrics.get("dead_letters_records", 0) >= len(bad_records)
+
+
+def job_metrics(process: JobProcess) -> dict[str, float]:
+    """Sum of the serving operator's modelserving.* metrics over its subtasks (REST API)."""
+    job = process.rest(f"/jobs/{process.job_id}")
+    totals: dict[str, float] = {}
+    for vertex in job["vertices"]:
+        names = process.rest(f"/jobs/{process.job_id}/vertices/{vertex['id']}/subtasks/metrics") or []
+        wanted = [m["id"] for m in names if ".modelserving." in m["id"]]
+        if not wanted:
+            continue
+        values = process.rest(f"/jobs/{process.job_id}/vertices/{vertex['id']}/subtasks/metrics"
+                              f"?get={','.join(wanted)}&agg=sum") or []
+        for metric in values:
+            totals[metric["id"].rsplit(".", 1)[-1]] = metric["sum"]
+    return totals
