@@ -1,6 +1,7 @@
 """The keyed job on the local Flink environment, with in-memory sources (parallelism 2)."""
 from __future__ import annotations
 
+import base64
 import math
 import time
 
@@ -17,41 +18,45 @@ from udfs.runtimes import load_model
 pytestmark = pytest.mark.job
 
 
-class DelayedStart:
-    """Holds the data back at start so the models reach the join first."""
+class Decode:
+    """from_collection cannot carry bytes: the test sends base64 text and decodes it here,
+    optionally holding the stream back at start so the models reach the join first."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
 
     def open(self, runtime_context):
-        time.sleep(self.seconds)
+        time.sleep(self.delay_s)
 
     def map(self, value):
-        return value
+        return base64.b64decode(value)
 
 
 def run_keyed(records: list[bytes], models: list[bytes], settings: Settings):
+    from pyflink.common import Types
     from pyflink.datastream import MapFunction
 
     from jobs.keyed_job import build_pipeline
     from jobs.pipeline import create_environment
     from udfs.joins import BYTES
 
-    class Delay(DelayedStart, MapFunction):
+    class DecodeMap(Decode, MapFunction):
         pass
 
+    def collection(items):
+        return env.from_collection([base64.b64encode(i).decode() for i in items], type_info=Types.STRING())
+
     env = create_environment(settings, with_connector=False)
-    data = env.from_collection(records, type_info=BYTES).map(Delay(4.0), output_type=BYTES)
-    model_stream = env.from_collection(models, type_info=BYTES)
+    data = collection(records).map(DecodeMap(4.0), output_type=BYTES)
+    model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
     results, dead_letters = build_pipeline(data, model_stream, settings)
-    from pyflink.common import Types
-    tagged = Types.TUPLE([Types.STRING(), BYTES])
-    both = results.map(lambda b: ("result", b), output_type=tagged).union(
-        dead_letters.map(lambda b: ("dead", b), output_type=tagged))
+    tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
+    both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
+        dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
     with both.execute_and_collect() as collected:
         out = list(collected)
-    return ([ServingResult.FromString(bytes(b)) for kind, b in out if kind == "result"],
-            [DeadLetter.FromString(bytes(b)) for kind, b in out if kind == "dead"])
+    return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
+            [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
 
 
 def expected_predictions(descriptor_bytes: bytes, rows: list[Row], model_dirs):
