@@ -103,13 +103,13 @@ def fit_mlp(X, y, *, hidden: tuple[int, ...], seed: int):
 
 # -- exporters --------------------------------------------------------------------------------
 
-def export_onnx(pipeline, n_features: int, path: Path) -> None:
+def export_onnx(pipeline, n_features: int, path: Path, *, graph_name: str = "wine_cultivar") -> None:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
     model = convert_sklearn(pipeline, initial_types=[("inputs", FloatTensorType([None, n_features]))],
                             options={id(pipeline.steps[-1][1]): {"zipmap": False}},
-                            target_opset=ONNX_OPSETS)
+                            target_opset=ONNX_OPSETS, name=graph_name)  # default: a random id
     path.write_bytes(model.SerializeToString())
 
 
@@ -176,7 +176,8 @@ def export_frozen_graph(pipeline, n_features: int, path: Path) -> None:
             h = tf.matmul(h, tf.constant(w, tf.float32, name=f"kernel_{i}")) \
                 + tf.constant(b, tf.float32, name=f"bias_{i}")
             h = tf.nn.softmax(h, name="outputs") if i == last else hidden(h)
-    path.write_bytes(graph.as_graph_def().SerializeToString())
+    # NodeDef attributes are a protobuf map: only deterministic serialization is reproducible.
+    path.write_bytes(graph.as_graph_def().SerializeToString(deterministic=True))
 
 
 def export_pmml(pipeline, feature_names, class_labels, path: Path, *, model_name: str,
