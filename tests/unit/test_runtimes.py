@@ -151,6 +151,8 @@ def test_tutorial_pmml_matches_pypmml_per_record(tutorial, wine_rows, pypmml_mod
 
     classification = direct.functionName == "classification"
     classes = [str(c) for c in direct.classes] if classification else []
+    if classification:
+        assert runtime.chunk_rows < ROWS     # the batch crosses a chunk boundary
     labelled = pypmml_model.fromString(text).setSupplementOutput(True)
     for row, prediction in zip(wine_rows, predictions):
         record = {name: float(row[WINE_FEATURES.index(name)]) for name in direct.inputNames}
@@ -180,6 +182,22 @@ def test_tutorial_pmml_first_record_values(tutorial, wine_rows):
     assert tree.label == "5" and tree.value == 5.0
     assert tree.probabilities[0] == pytest.approx(0.8302752293577982, rel=1e-12)
     assert math.isnan(tree.probabilities[tree.class_labels.index("8")])
+
+
+def test_pmml_chunks_answer_below_py4j_write_buffer(tutorial, wine_rows, pypmml_model):
+    """Answers over 8 KB stall 40 ms in Py4J (Nagle + delayed ACK); chunks must stay below."""
+    import json
+
+    for file_name in PMML_FILES:
+        text = (tutorial / file_name).read_text(encoding="utf-8")
+        runtime = load_model(request(ModelType.PMML, data=text.encode()))
+        direct = pypmml_model.fromString(text).setSupplementOutput(True)
+        rows = np.resize(wine_rows, (runtime.chunk_rows, 11))
+        batch = batch_for(runtime, rows)
+        answer = direct.predict(json.dumps({"columns": list(runtime.input_names),
+                                            "data": batch.values.tolist()}))
+        assert len(answer) < 8000, (file_name, runtime.chunk_rows, len(answer))
+        assert runtime.chunk_rows >= 16
 
 
 # -- the project's demo models ----------------------------------------------------------------
