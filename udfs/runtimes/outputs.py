@@ -170,25 +170,23 @@ class OutputReader:
                   model_labels: list[str] | None) -> list[Prediction]:
         numbers = [_numeric(n) for n in names]
         numeric = all(n is not None for n in numbers)
-        position = {n: i for i, n in enumerate(names)}
         # NaN never wins the argmax; a row of NaN only falls back to class 0.
         winners = np.where(np.isnan(matrix), -np.inf, matrix).argmax(axis=1).tolist()
-        use_model_labels = model_labels is not None and not self.requested_labels
-        predictions = []
-        for row, (probs, best) in enumerate(zip(matrix.tolist(), winners)):
-            if use_model_labels:
-                label = model_labels[row]
-                index = position.get(label, best)
-            else:
-                label, index = names[best], best
+        rows = map(tuple, matrix.tolist())
+        if model_labels is None or self.requested_labels:
+            labels = [names[i] for i in winners]
+            values = [numbers[i] for i in winners] if numeric else [float(i) for i in winners]
+        else:
+            position = {n: i for i, n in enumerate(names)}
+            labels = model_labels
+            indices = [position.get(label, best) for label, best in zip(labels, winners)]
             if numeric:
-                value = _numeric(label)
-                value = numbers[index] if value is None else value
+                values = [_numeric(label) for label in labels]
+                values = [numbers[i] if v is None else v for v, i in zip(values, indices)]
             else:
-                value = float(index)
-            predictions.append(Prediction(value=value, label=label, probabilities=tuple(probs),
-                                          class_labels=names))
-        return predictions
+                values = [float(i) for i in indices]
+        return [Prediction(value=v, label=label, probabilities=probs, class_labels=names)
+                for v, label, probs in zip(values, labels, rows)]
 
     def _labels_only(self, model_labels: list[str]) -> list[Prediction]:
         names = self.requested_labels or self.model_classes

@@ -87,8 +87,13 @@ class PmmlRuntime(ModelRuntime):
             raise ModelLoadError(f"PMML document is not UTF-8 or UTF-16 text ({exc})",
                                  **who(request)) from None
         refuse_dtd(text, request)
-        from pypmml import Model  # starts the JVM on first use (one per process)
+        from pypmml import Model, PMMLContext
 
+        try:
+            PMMLContext.getOrCreate()   # the JVM, started once per process
+        except Exception as exc:
+            raise ModelLoadError(f"the PMML runtime cannot start its JVM (is Java on PATH?): "
+                                 f"{describe_error(exc)}", **who(request)) from None
         try:
             model = Model.fromString(text)
             model.setSupplementOutput(True)   # adds the predicted class to classifiers
