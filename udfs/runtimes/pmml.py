@@ -60,7 +60,7 @@ class PmmlRuntime(ModelRuntime):
 
     def __init__(self, model, input_names: tuple[str, ...], function: str,
                  classes: tuple[str, ...], probability_fields: tuple[str | None, ...],
-                 predicted_field: str | None, output_count: int = 1, max_label: int = 0):
+                 predicted_field: str | None, output_names: Sequence[str] = ("value",)):
         self._model = model
         self.input_names = input_names
         self.function = function
@@ -75,7 +75,8 @@ class PmmlRuntime(ModelRuntime):
         else:
             interpretation = Interpretation("regression", regression="value")
         self._reader = OutputReader(interpretation, model_classes=classes)
-        self.chunk_rows = chunk_rows(len(input_names), output_count, max_label)
+        self.chunk_rows = chunk_rows(input_names, output_names,
+                                     max((len(c) for c in classes), default=0))
 
     @classmethod
     def load(cls, request: LoadRequest) -> "PmmlRuntime":
@@ -121,7 +122,7 @@ class PmmlRuntime(ModelRuntime):
             raise ModelLoadError("the PMML classification model outputs neither a predicted "
                                  "class nor class probabilities", **who(request))
         return cls(model, input_names, function, classes, probability_fields, predicted,
-                   output_count=len(fields), max_label=max((len(c) for c in classes), default=0))
+                   output_names=[name for name, _, _ in fields])
 
     def score(self, batch: FeatureBatch) -> Sequence[Prediction]:
         check_batch(batch, self.input_names)
@@ -160,12 +161,15 @@ class PmmlRuntime(ModelRuntime):
         self._model = None   # pypmml detaches the JVM object when its wrapper is collected
 
 
-def chunk_rows(inputs: int, outputs: int, max_label: int) -> int:
+def chunk_rows(input_names: Sequence[str], output_names: Sequence[str], max_label: int) -> int:
     """Rows per Py4J call so that the answer stays under ANSWER_BUDGET characters even when
     every number takes its longest form."""
-    per_answer_row = outputs * max(_NUMBER_CHARS, max_label + 3) + 3
-    answer_rows = (ANSWER_BUDGET - 40 * outputs) // per_answer_row
-    request_rows = REQUEST_BUDGET // (inputs * _NUMBER_CHARS + 3)
+    def header(names):   # {"columns":["a","b"],"data":[...]}
+        return sum(len(json.dumps(n)) + 1 for n in names) + 30
+
+    per_answer_row = len(output_names) * max(_NUMBER_CHARS, max_label + 3) + 3
+    answer_rows = (ANSWER_BUDGET - header(output_names)) // per_answer_row
+    request_rows = (REQUEST_BUDGET - header(input_names)) // (len(input_names) * _NUMBER_CHARS + 3)
     return max(1, min(answer_rows, request_rows))
 
 
