@@ -322,6 +322,14 @@ def test_missing_saved_model_directory(tmp_path):
     assert "model 'hollow'" in str(caught.value)
 
 
+def test_saved_model_signature_choice(demo):
+    model = demo[1][ModelType.TENSORFLOWSAVED]
+    assert load_model(demo_request(model)).signature == "predict"
+    assert load_model(demo_request(model, signature="predict")).signature == "predict"
+    with pytest.raises(ModelLoadError, match=r"has no signature 'nope' \(it has: predict\)"):
+        load_model(demo_request(model, signature="nope"))
+
+
 @pytest.mark.parametrize("model_type", [ModelType.ONNX, ModelType.TENSORFLOWSAVED,
                                         ModelType.TENSORFLOW], ids=ModelType.Name)
 def test_input_width_mismatch(demo, model_type):

@@ -7,6 +7,7 @@ TensorFlow is imported by this module only, and only when such a model arrives.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -38,7 +39,7 @@ class TensorFlowSavedRuntime(ModelRuntime):
         if request.location is None:
             raise ModelLoadError("a TensorFlow SavedModel must come by location (a directory)",
                                  **who(request))
-        location = request.location
+        location = Path(request.location)
         if not location.is_dir():
             raise ModelLoadError(f"SavedModel directory {location} does not exist", **who(request))
         tf = import_tensorflow()
