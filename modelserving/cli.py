@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20.0, help="records per second")
     demo.add_argument("--switch-every", type=float, default=20.0, help="seconds between model switches")
     demo.set_defaults(func=cmd_demo)
+
+    from modelserving import cluster_cli  # standalone Flink cluster: start, submit, savepoint...
+    cluster_cli.register(sub)
     return parser
 
 
