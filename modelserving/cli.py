@@ -53,18 +53,22 @@ def cmd_kafka(args) -> int:
     return 0
 
 
-def create_topics(settings: Settings, partitions: int = 2) -> None:
+def create_topics(settings: Settings, partitions: int = 2, compact_models: bool = False) -> None:
+    """The job's topics. The models topic is not compacted by default: the tutorial's
+    producers send models without a key, which a compacted topic refuses."""
     from modelserving.kafka_admin import ensure_topics
-    ensure_topics(settings.bootstrap_servers,
-                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
-                  compacted=[settings.models_topic], partitions=partitions)
+    topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
+    models = [settings.models_topic]
+    ensure_topics(settings.bootstrap_servers, topics + ([] if compact_models else models),
+                  compacted=models if compact_models else [], partitions=partitions)
 
 
 def cmd_topics(args) -> int:
     settings = _settings(args)
-    create_topics(settings, args.partitions)
+    create_topics(settings, args.partitions, args.compact_models)
     print(f"topics ready on {settings.bootstrap_servers}: {settings.data_topic}, "
-          f"{settings.models_topic} (compacted), {settings.results_topic}, {settings.dead_letter_topic}")
+          f"{settings.models_topic}{' (compacted)' if args.compact_models else ''}, "
+          f"{settings.results_topic}, {settings.dead_letter_topic}")
     return 0
 
 
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     topics = with_bootstrap(sub.add_parser("topics", help="create the job's topics"))
     topics.add_argument("action", choices=["create"])
     topics.add_argument("--partitions", type=int, default=2)
+    topics.add_argument("--compact-models", action="store_true",
+                        help="compact the models topic (every model message then needs a key)")
     topics.set_defaults(func=cmd_topics)
 
     train = sub.add_parser("train", help="train one demo model per supported format")

@@ -81,7 +81,7 @@ class Collector(threading.Thread):
         self.settings = settings
         self.results: list[ServingResult] = []
         self.dead_letters: list[DeadLetter] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.stopped = threading.Event()
         self.start()
 

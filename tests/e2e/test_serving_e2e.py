@@ -15,7 +15,7 @@ from modelserving.kafka_admin import ensure_topics
 from modelserving.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
-from .jobrunner import Collector, JobProcess
+from jobrunner import Collector, JobProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -32,11 +32,11 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
     settings = Settings.from_sources(
         [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
         models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", parallelism=2, checkpoint_interval_ms=2000,
+        dead_letter_topic=f"dead-{suffix}", parallelism=2, checkpoint_interval_ms=2000, rest_port=0,
         model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
     ensure_topics(settings.bootstrap_servers,
-                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
-                  compacted=[settings.models_topic], partitions=2)
+                  [settings.data_topic, settings.models_topic, settings.results_topic,
+                   settings.dead_letter_topic], partitions=2)
     process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
     producer = client.producer(settings.bootstrap_servers)
     collector = Collector(settings)
@@ -177,16 +177,20 @@ def test_bad_input_goes_to_dead_letters_and_serving_continues(serving):
     for raw, _ in models.values():
         serving.send_model(raw)
 
-    def letters_by_raw(c: Collector):
-        found = {d.raw: d for d in c.dead_letters}
-        return found if all(raw in found for raw, _ in [*bad_records.values(), *models.values()]) else None
-    found = serving.collector.wait_for(letters_by_raw, 120, "a dead letter for every bad input")
+    data_topic, models_topic = serving.settings.data_topic, serving.settings.models_topic
+    wanted = [(data_topic, raw) for raw, _ in bad_records.values()] + \
+             [(models_topic, raw) for raw, _ in models.values()]
+
+    def letters(c: Collector):
+        found = {(d.sourceTopic, d.raw): d for d in c.dead_letters}
+        return found if all(key in found for key in wanted) else None
+    found = serving.collector.wait_for(letters, 120, "a dead letter for every bad input")
     for what, (raw, reason) in bad_records.items():
-        assert reason in found[raw].reason, what
-        assert found[raw].kind == DeadLetter.BAD_RECORD and found[raw].sourceTopic == serving.settings.data_topic
+        letter = found[(data_topic, raw)]
+        assert reason in letter.reason and letter.kind == DeadLetter.BAD_RECORD, what
     for what, (raw, reason) in models.items():
-        assert reason in found[raw].reason, what
-        assert found[raw].kind == DeadLetter.BAD_MODEL and found[raw].sourceTopic == serving.settings.models_topic
+        letter = found[(models_topic, raw)]
+        assert reason in letter.reason and letter.kind == DeadLetter.BAD_MODEL, what
 
     # the bad models left model B serving
     after = serving.rows("after-bad", 20)
