@@ -47,6 +47,9 @@ class Settings:
         "anywhere else is refused")
     max_model_bytes: int = _setting(
         64 * 1024 * 1024, "largest model accepted, inline bytes or total size at its location")
+    spread_keys: int = _setting(
+        128, "broadcast job: number of keys records are spread over (at least a few per "
+        "parallel instance, so every instance gets records)")
     job_name: str = _setting("", "Flink job name; empty means modelserving-<job>")
     python_executable: str = _setting(
         lambda: sys.executable, "Python interpreter of the Flink Python workers")
@@ -95,6 +98,8 @@ class Settings:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
+        if self.spread_keys <= 0:
+            raise ValueError("spread_keys must be positive")
         if self.max_model_bytes <= 0:
             raise ValueError("max_model_bytes must be positive")
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic]

@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VAR_DIR = Path(os.environ.get("MODELSERVING_VAR_DIR", PROJECT_ROOT / "var"))
 DEFAULT_MODELS_DIR = VAR_DIR / "models"
 DEFAULT_KAFKA_DIR = VAR_DIR / "kafka"
-JOBS = ("keyed",)
+JOBS = ("keyed", "broadcast")
 
 
 def _settings(args) -> Settings:
@@ -128,9 +128,8 @@ def cmd_follow(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs import keyed_job
-    jobs = {"keyed": keyed_job.main}
-    jobs[args.job](args.job_args)
+    import importlib
+    importlib.import_module(f"jobs.{args.job}_job").main(args.job_args)
     return 0
 
 

@@ -1,15 +1,26 @@
 """The Flink side of serving: state, metrics and side outputs around ``ModelServer``.
 
-The keyed join keeps, per data type (the key), the current model's descriptor bytes and id
-in checkpointed keyed state. Records and models of one data type meet on one subtask.
+Two joins share everything but where the current model lives:
+- keyed: records and models keyed by data type meet in a ``KeyedCoProcessFunction``; the
+  model of a data type is in keyed state on the one subtask that owns that data type;
+- broadcast: every model goes to every parallel instance and lives in broadcast state
+  (a map data type -> descriptor); records are spread over all instances.
+Both keep descriptor bytes in state (never live model objects) plus a short model id, and
+a transient per-subtask cache of loaded models.
 """
 from __future__ import annotations
 
 import logging
+import zlib
 
 from pyflink.common import Types
-from pyflink.datastream import KeyedCoProcessFunction, OutputTag, RuntimeContext
-from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.datastream import (
+    KeyedBroadcastProcessFunction,
+    KeyedCoProcessFunction,
+    OutputTag,
+    RuntimeContext,
+)
+from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
 from udfs.errors import ModelError
 from udfs.models import parse_descriptor
@@ -20,7 +31,12 @@ log = logging.getLogger("modelserving")
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 KEYED_BYTES = Types.TUPLE([Types.STRING(), BYTES])
+SPREAD_BYTES = Types.TUPLE([Types.INT(), Types.STRING(), BYTES])
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
+
+#: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
+MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)
+MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
 
 
 def keyed_record(raw: bytes) -> tuple[str, bytes]:
@@ -34,6 +50,12 @@ def keyed_model(raw: bytes) -> tuple[str, bytes]:
         return parse_descriptor(raw).dataType, raw
     except ModelError:
         return "", raw
+
+
+def spread_record(raw: bytes, spread: int) -> tuple[int, str, bytes]:
+    """(spreading key, data type, raw bytes): the key spreads records of one data type over
+    every parallel instance; a hash of the bytes keeps it stable across restarts."""
+    return zlib.crc32(raw) % spread, record_data_type(raw), raw
 
 
 class ServingMetrics:
@@ -55,35 +77,31 @@ class ServingMetrics:
             self.scoring_micros.update(int(outcome.micros))
 
 
-def model_server(settings, runtime_context: RuntimeContext) -> ModelServer:
-    return ModelServer(model_dirs=settings.model_dirs, max_model_bytes=settings.max_model_bytes,
-                       data_topic=settings.data_topic, models_topic=settings.models_topic,
-                       subtask=runtime_context.get_index_of_this_subtask())
-
-
-class KeyedServing(KeyedCoProcessFunction):
-    """Input 1: (data type, record bytes); input 2: (data type, descriptor bytes)."""
+class ServingJoin:
+    """What both joins do with a record and with a model, whatever their state looks like."""
 
     def __init__(self, settings):
         self.settings = settings
         self.server: ModelServer | None = None
 
-    def open(self, runtime_context: RuntimeContext):
-        self.server = model_server(self.settings, runtime_context)
+    def open_serving(self, runtime_context: RuntimeContext) -> None:
+        self.subtask = runtime_context.get_index_of_this_subtask()
+        self.server = ModelServer(model_dirs=self.settings.model_dirs,
+                                  max_model_bytes=self.settings.max_model_bytes,
+                                  data_topic=self.settings.data_topic,
+                                  models_topic=self.settings.models_topic, subtask=self.subtask)
         self.metrics = ServingMetrics(runtime_context)
-        self.model_id = runtime_context.get_state(ValueStateDescriptor("model-id", Types.STRING()))
-        self.descriptor = runtime_context.get_state(ValueStateDescriptor("model-descriptor", BYTES))
 
     def close(self):
         if self.server is not None:
             self.server.close()
 
-    def process_element1(self, value, ctx):
-        data_type, raw = value
+    def serve_record(self, data_type: str, raw: bytes, model_id, stored_descriptor):
+        """Yield the record's result, or its dead letter on the side output."""
         model, error = None, None
         if data_type:
             try:
-                model = self.server.current(data_type, self.model_id.value(), self.descriptor.value)
+                model = self.server.current(data_type, model_id, stored_descriptor)
             except ModelError as exc:
                 error = exc
         for outcome in self.server.serve((raw,), model, error):
@@ -93,27 +111,89 @@ class KeyedServing(KeyedCoProcessFunction):
             else:
                 yield outcome.payload
 
-    def process_element2(self, value, ctx):
-        data_type, raw = value
+    def accept_model(self, raw: bytes, report: bool = True):
+        """Build a model from a descriptor; a bad one is dead-lettered (when ``report``) and
+        None returned, so the caller leaves the serving model in place."""
         try:
-            model = self.server.build(raw)
+            return self.server.build(raw), None
         except ModelError as exc:
-            log.warning("model rejected: %s", exc)
-            self.metrics.bad_models.inc()
-            yield DEAD_LETTERS, self.server.model_dead_letter(raw, exc)
-            return
+            if report:
+                log.warning("model rejected: %s", exc)
+                self.metrics.bad_models.inc()
+                return None, self.server.model_dead_letter(raw, exc)
+            return None, None
+
+    def installed(self, data_type: str, model: LoadedModel | Withdrawal) -> None:
+        """Swap the cache after the state was updated, and say so."""
         if isinstance(model, Withdrawal):
             self.server.install(data_type, None)
-            self.model_id.clear()
-            self.descriptor.clear()
-            log.info("model withdrawn for data type '%s'", data_type)
+            log.info("model withdrawn for data type '%s' (subtask %d)", data_type, self.subtask)
             return
         replaced = self.server.install(data_type, model)
-        self.model_id.update(model.info.model_id)
-        self.descriptor.update(model.raw)
         self.metrics.models_loaded.inc()
-        log.info("%s %s", "replaced by" if replaced else "loaded", model.info)
+        if replaced is not None:
+            log.info("loaded %s, replacing %s (subtask %d)", model.info, replaced.info, self.subtask)
+        else:
+            log.info("loaded %s (subtask %d)", model.info, self.subtask)
 
 
-__all__ = ["BYTES", "DEAD_LETTERS", "KEYED_BYTES", "KeyedServing", "LoadedModel", "keyed_model",
-           "keyed_record"]
+class KeyedServing(ServingJoin, KeyedCoProcessFunction):
+    """Input 1: (data type, record bytes); input 2: (data type, descriptor bytes)."""
+
+    def open(self, runtime_context: RuntimeContext):
+        self.open_serving(runtime_context)
+        self.model_id = runtime_context.get_state(ValueStateDescriptor("model-id", Types.STRING()))
+        self.descriptor = runtime_context.get_state(ValueStateDescriptor("model-descriptor", BYTES))
+
+    def process_element1(self, value, ctx):
+        data_type, raw = value
+        yield from self.serve_record(data_type, raw, self.model_id.value() if data_type else None,
+                                     self.descriptor.value)
+
+    def process_element2(self, value, ctx):
+        data_type, raw = value
+        model, dead_letter = self.accept_model(raw)
+        if model is None:
+            yield DEAD_LETTERS, dead_letter
+            return
+        if isinstance(model, Withdrawal):
+            self.model_id.clear()
+            self.descriptor.clear()
+        else:
+            self.model_id.update(model.info.model_id)
+            self.descriptor.update(model.raw)
+        self.installed(data_type, model)
+
+
+class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
+    """Input: (spreading key, data type, record bytes); broadcast input: descriptor bytes.
+
+    Every instance loads every model; only instance 0 reports a bad model, so one bad model
+    makes one dead letter whatever the parallelism."""
+
+    def open(self, runtime_context: RuntimeContext):
+        self.open_serving(runtime_context)
+
+    def process_element(self, value, ctx):
+        _, data_type, raw = value
+        ids = ctx.get_broadcast_state(MODEL_IDS)
+        model_id = ids.get(data_type) if data_type and ids.contains(data_type) else None
+        descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
+        yield from self.serve_record(data_type, raw, model_id, lambda: descriptors.get(data_type))
+
+    def process_broadcast_element(self, raw, ctx):
+        model, dead_letter = self.accept_model(raw, report=self.subtask == 0)
+        if model is None:
+            if dead_letter is not None:
+                yield DEAD_LETTERS, dead_letter
+            return
+        data_type = model.info.data_type
+        ids, descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
+        if isinstance(model, Withdrawal):
+            if ids.contains(data_type):
+                ids.remove(data_type)
+                descriptors.remove(data_type)
+        else:
+            ids.put(data_type, model.info.model_id)
+            descriptors.put(data_type, model.raw)
+        self.installed(data_type, model)

@@ -19,7 +19,7 @@ from jobrunner import Collector, JobProcess
 
 pytestmark = pytest.mark.e2e
 
-JOB_MODULES = ["jobs.keyed_job"]
+JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
 MAX_MODEL_BYTES = 1_000_000
 
 

@@ -1,4 +1,4 @@
-"""The keyed job on the local Flink environment, with in-memory sources (parallelism 2)."""
+"""Both jobs on the local Flink environment, with in-memory sources (parallelism 2)."""
 from __future__ import annotations
 
 import base64
@@ -32,11 +32,16 @@ class Decode:
         return base64.b64decode(value)
 
 
-def run_keyed(records: list[bytes], models: list[bytes], settings: Settings):
+JOBS = ["keyed", "broadcast"]
+
+
+def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings):
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
 
-    from jobs.keyed_job import build_pipeline
+    import importlib
+
+    build_pipeline = importlib.import_module(f"jobs.{job}_job").build_pipeline
     from jobs.pipeline import create_environment
     from udfs.joins import BYTES
 
@@ -75,7 +80,8 @@ def settings(trained_models):
                                  rest_port=0).for_job("keyed-test")
 
 
-def test_keyed_job_scores_every_record_and_dead_letters_bad_input(trained_models, settings):
+@pytest.mark.parametrize("job", JOBS)
+def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models, settings):
     rows = demo_rows()[:60]
     onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
     bad_model = ModelDescriptor(name="broken", dataType=DEMO_DATA_TYPE, modeltype=ModelType.ONNX,
@@ -84,7 +90,7 @@ def test_keyed_job_scores_every_record_and_dead_letters_bad_input(trained_models
     other_type = Row("no-model-type", ("a",), (1.0,), "orphan")
     records = [encode_record(r) for r in rows] + [b"", b"\xff\xfe garbage", encode_record(nan_row),
                                                     encode_record(other_type)]
-    results, dead = run_keyed(records, [onnx, bad_model], settings)
+    results, dead = run_job(job, records, [onnx, bad_model], settings)
 
     expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
     scored = {r.recordId: r for r in results if r.status == ServingResult.SCORED}
@@ -107,13 +113,14 @@ def test_keyed_job_scores_every_record_and_dead_letters_bad_input(trained_models
     assert model_letter.raw == bad_model and "model 'broken'" in model_letter.reason
 
 
-def test_each_data_type_is_scored_by_its_own_model(trained_models, settings):
+@pytest.mark.parametrize("job", JOBS)
+def test_each_data_type_is_scored_by_its_own_model(job, trained_models, settings):
     rows = demo_rows()[:30]
     other = [Row("cultivar-pmml", r.names, r.values, "p" + r.record_id) for r in rows]
     onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
     pmml = descriptor_for(trained_models[ModelType.PMML], data_type="cultivar-pmml").SerializeToString()
-    results, dead = run_keyed([encode_record(r) for pair in zip(rows, other) for r in pair],
-                              [onnx, pmml], settings)
+    results, dead = run_job(job, [encode_record(r) for pair in zip(rows, other) for r in pair],
+                            [onnx, pmml], settings)
     assert dead == []
     by_id = {r.recordId: r for r in results}
     assert len(by_id) == 60
@@ -122,3 +129,13 @@ def test_each_data_type_is_scored_by_its_own_model(trained_models, settings):
         assert by_id[row.record_id].modelType == ModelType.PMML
         assert by_id[row.record_id].label == expected_pmml[row.record_id].label
     assert {by_id[r.record_id].modelType for r in rows} == {ModelType.ONNX}
+
+
+def test_broadcast_job_scores_one_data_type_on_every_instance(trained_models, settings):
+    rows = demo_rows()[:80]
+    onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
+    results, dead = run_job("broadcast", [encode_record(r) for r in rows], [onnx], settings)
+    assert dead == [] and len(results) == len(rows)
+    assert {r.status for r in results} == {ServingResult.SCORED}
+    by_subtask = {s: sum(r.subtask == s for r in results) for s in (0, 1)}
+    assert by_subtask[0] > 0 and by_subtask[1] > 0, by_subtask

@@ -1,0 +1,54 @@
+"""The broadcast ("flat") join: every model goes to every parallel instance.
+
+Scales with the data volume of one or a few data types: records are spread over all
+instances by a spreading key (not the data type), and each instance scores with the model
+for the record's data type held in broadcast state. For a moment after an update, instances
+may disagree on the current model ("model jitter").
+
+    python -m jobs.broadcast_job --bootstrap-servers host:9092 --parallelism 2
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+from pyflink.common import Types
+from pyflink.datastream import DataStream
+
+from jobs.pipeline import run_job
+from jobs.settings import Settings
+from udfs.joins import (
+    BYTES,
+    DEAD_LETTERS,
+    MODEL_DESCRIPTORS,
+    MODEL_IDS,
+    SPREAD_BYTES,
+    BroadcastServing,
+    spread_record,
+)
+
+JOB = "broadcast"
+
+
+def spreading_key(triple) -> int:
+    return triple[0]
+
+
+def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
+    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out."""
+    spread = data.map(partial(spread_record, spread=settings.spread_keys), output_type=SPREAD_BYTES) \
+        .name("spread records").uid("broadcast-spread-records")
+    broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
+    results = spread.key_by(spreading_key, key_type=Types.INT()) \
+        .connect(broadcast_models) \
+        .process(BroadcastServing(settings), output_type=BYTES) \
+        .name("serve models (broadcast)").uid("broadcast-serving")
+    return results, results.get_side_output(DEAD_LETTERS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_job(JOB, build_pipeline, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
