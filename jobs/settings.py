@@ -64,8 +64,10 @@ class Settings:
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
-                     environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
-        """Settings from arguments, then ``MODELSERVING_*`` variables, then defaults."""
+                     environ: Mapping[str, str] | None = None, prog: str | None = None,
+                     **overrides) -> "Settings":
+        """Settings from arguments, then ``MODELSERVING_*`` variables, then defaults.
+        With ``prog``, ``--help`` prints every setting."""
         environ = os.environ if environ is None else environ
         values: dict = {}
         for f in fields(cls):
@@ -73,7 +75,9 @@ class Settings:
             if raw is not None:
                 values[f.name] = _convert(f, raw)
         if argv is not None:
-            parsed = cls.argument_parser().parse_args(list(argv))
+            parser = cls.argument_parser(argparse.ArgumentParser(prog=prog, add_help=True)
+                                         if prog else None)
+            parsed = parser.parse_args(list(argv))
             for f in fields(cls):
                 raw = getattr(parsed, f.name)
                 if raw is not None:

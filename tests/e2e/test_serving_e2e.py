@@ -40,16 +40,18 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
     process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
     producer = client.producer(settings.bootstrap_servers)
     collector = Collector(settings)
-    yield Scenario(settings, producer, collector, process, trained_models)
+    # the broadcast join holds a copy of the model on every instance: all must have switched
+    instances = settings.parallelism if job == "broadcast_job" else 1
+    yield Scenario(settings, producer, collector, process, trained_models, instances)
     collector.stop()
     producer.close()
     process.stop()
 
 
 class Scenario:
-    def __init__(self, settings, producer, collector, process, models):
+    def __init__(self, settings, producer, collector, process, models, instances):
         self.settings, self.producer, self.collector = settings, producer, collector
-        self.process, self.models = process, models
+        self.process, self.models, self.instances = process, models, instances
         self.counter = itertools.count()
 
     def send_records(self, rows: list[Row]) -> None:
@@ -75,12 +77,15 @@ class Scenario:
         """Probe until a fresh record comes back scored by ``model_name``.
 
         Records and models travel on different topics, so "published before" does not mean
-        "arrived before"; the probe makes the order explicit."""
+        "arrived before"; the probe makes the order explicit (on every instance that holds
+        a copy of the model)."""
         def probed(c: Collector):
-            ids = {r.recordId for r in c.results if r.modelName == model_name and r.recordId.startswith("probe-")}
-            if not ids:
+            subtasks = {r.subtask for r in c.results
+                        if r.modelName == model_name and r.recordId.startswith("probe-")}
+            if len(subtasks) < self.instances:
                 self.send_records(self.rows(f"probe-{next(self.counter)}", 1))
-            return ids
+                return None
+            return subtasks
         self.collector.wait_for(probed, timeout_s, f"a record scored by {model_name}")
 
     def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
