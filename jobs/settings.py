@@ -46,7 +46,10 @@ class Settings:
         tuple, "directories a model location may point into (comma-separated); a location "
         "anywhere else is refused")
     max_model_bytes: int = _setting(
-        64 * 1024 * 1024, "largest model accepted, inline bytes or total size at its location")
+        1024 * 1024 * 1024, "largest model accepted: total size at its location, or inline bytes")
+    max_inline_model_bytes: int = _setting(
+        16 * 1024 * 1024, "largest inline model: inline descriptors are kept in Flink state "
+        "(checkpointed), so larger models must be sent by location")
     spread_keys: int = _setting(
         128, "broadcast job: number of keys records are spread over (at least a few per "
         "parallel instance, so every instance gets records)")
@@ -104,8 +107,8 @@ class Settings:
                                  f"not {getattr(self, f.name)!r}")
         if self.spread_keys <= 0:
             raise ValueError("spread_keys must be positive")
-        if self.max_model_bytes <= 0:
-            raise ValueError("max_model_bytes must be positive")
+        if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
+            raise ValueError("max_model_bytes and max_inline_model_bytes must be positive")
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic]
         if len(set(topics)) != len(topics):
             raise ValueError(f"data, models, results and dead-letter topics must differ: {topics}")

@@ -88,6 +88,7 @@ class ServingJoin:
         self.subtask = runtime_context.get_index_of_this_subtask()
         self.server = ModelServer(model_dirs=self.settings.model_dirs,
                                   max_model_bytes=self.settings.max_model_bytes,
+                                  max_inline_model_bytes=self.settings.max_inline_model_bytes,
                                   data_topic=self.settings.data_topic,
                                   models_topic=self.settings.models_topic, subtask=self.subtask)
         self.metrics = ServingMetrics(runtime_context)

@@ -68,8 +68,11 @@ def describe(descriptor: ModelDescriptor, raw: bytes) -> ModelInfo:
 
 
 def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
-                 max_model_bytes: int) -> LoadRequest:
-    """Check a descriptor against the policies and say what the runtime must load."""
+                 max_model_bytes: int, max_inline_model_bytes: int | None = None) -> LoadRequest:
+    """Check a descriptor against the policies and say what the runtime must load.
+
+    Inline models are also bounded by ``max_inline_model_bytes``: their descriptor is what
+    Flink keeps in state, so big models must come by location."""
     who = dict(name=descriptor.name, version=descriptor.version, data_type=descriptor.dataType)
     if descriptor.modeltype not in ModelType.values():
         raise UnknownModelType(f"unknown model type {descriptor.modeltype}; supported: "
@@ -85,6 +88,10 @@ def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
             raise ModelRejected(f"{ModelType.Name(descriptor.modeltype)} models are directories "
                                 f"and must be sent by location", **who)
         _check_size(len(descriptor.data), max_model_bytes, who)
+        if max_inline_model_bytes is not None and len(descriptor.data) > max_inline_model_bytes:
+            raise ModelRejected(f"inline model is {len(descriptor.data)} bytes, over the limit of "
+                                f"{max_inline_model_bytes} bytes for models kept in state "
+                                f"(max_inline_model_bytes): send it by location", **who)
         data = descriptor.data
     else:
         location = confined_location(descriptor.location, model_dirs, who)

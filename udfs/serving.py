@@ -59,9 +59,11 @@ class ModelServer:
     """Per-subtask model cache plus the parse → score → serialize path."""
 
     def __init__(self, *, model_dirs: Sequence[str | Path] = (), max_model_bytes: int,
-                 data_topic: str, models_topic: str, subtask: int = 0):
+                 data_topic: str, models_topic: str, subtask: int = 0,
+                 max_inline_model_bytes: int | None = None):
         self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
         self.max_model_bytes = max_model_bytes
+        self.max_inline_model_bytes = max_inline_model_bytes or max_model_bytes
         self.data_topic = data_topic
         self.models_topic = models_topic
         self.subtask = subtask
@@ -76,7 +78,8 @@ class ModelServer:
         info = describe(descriptor, raw)
         if descriptor.withdraw:
             return Withdrawal(info)
-        request = load_request(descriptor, self.model_dirs, self.max_model_bytes)
+        request = load_request(descriptor, self.model_dirs, self.max_model_bytes,
+                               self.max_inline_model_bytes)
         runtime = load_model(request)
         return LoadedModel(info=info, raw=raw, runtime=runtime, since_ms=now_ms())
 

@@ -227,3 +227,15 @@ def test_a_stored_model_that_no_longer_loads_dead_letters_records(server, demo_r
 def test_withdrawal(server, trained_models):
     built = server.build(descriptor(withdraw=True))
     assert isinstance(built, Withdrawal) and built.info.data_type == DEMO_DATA_TYPE
+
+
+def test_inline_models_are_bounded_because_they_live_in_state(trained_models):
+    onnx = trained_models[ModelType.ONNX]
+    size = onnx.path.stat().st_size
+    server = ModelServer(max_model_bytes=10 * size, max_inline_model_bytes=size - 1,
+                         model_dirs=[onnx.path.parent], data_topic="d", models_topic="m")
+    with pytest.raises(ModelRejected, match="send it by location"):
+        server.build(descriptor_for(onnx).SerializeToString())
+    by_location = descriptor_for(onnx)
+    by_location.location = str(onnx.path)  # the same file, by location, is fine
+    assert server.build(by_location.SerializeToString()).info.name == onnx.name
