@@ -73,20 +73,29 @@ class Scenario:
         return [Row(data_type, base[i % len(base)].names, base[i % len(base)].values,
                     f"{prefix}-{i}") for i in range(n)]
 
-    def wait_until_serving(self, model_name: str, timeout_s: float = 120) -> None:
-        """Probe until a fresh record comes back scored by ``model_name``.
+    def wait_until_serving(self, model_name: str, data_type: str = DEMO_DATA_TYPE,
+                           timeout_s: float = 120) -> None:
+        self.wait_until(lambda r: r.modelName == model_name, data_type, timeout_s,
+                        f"a record scored by {model_name}")
+
+    def wait_until(self, accept, data_type: str = DEMO_DATA_TYPE, timeout_s: float = 120,
+                   what: str = "a probe result") -> None:
+        """Probe with fresh records until one comes back as ``accept`` wants.
 
         Records and models travel on different topics, so "published before" does not mean
         "arrived before"; the probe makes the order explicit (on every instance that holds
         a copy of the model)."""
+        prefix = f"probe-{data_type}-"
+
         def probed(c: Collector):
-            subtasks = {r.subtask for r in c.results
-                        if r.modelName == model_name and r.recordId.startswith("probe-")}
+            subtasks = {r.subtask for r in c.results if r.recordId.startswith(prefix) and accept(r)
+                        and int(r.recordId.split("-")[-2]) >= first}
             if len(subtasks) < self.instances:
-                self.send_records(self.rows(f"probe-{next(self.counter)}", 1))
+                self.send_records(self.rows(f"{prefix}{next(self.counter)}", 1, data_type))
                 return None
             return subtasks
-        self.collector.wait_for(probed, timeout_s, f"a record scored by {model_name}")
+        first = next(self.counter)
+        self.collector.wait_for(probed, timeout_s, what)
 
     def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
         ids = list(ids)
@@ -222,3 +231,15 @@ def job_metrics(process: JobProcess) -> dict[str, float]:
         for metric in values:
             totals[metric["id"].rsplit(".", 1)[-1]] = metric["sum"]
     return totals
+
+
+def test_withdrawn_model_stops_serving_its_data_type(serving):
+    model = serving.models[ModelType.ONNX]
+    data_type = "withdrawn-type"
+    serving.send_model(descriptor_for(model, data_type=data_type))
+    serving.wait_until_serving(model.name, data_type)
+    serving.send_model(ModelDescriptor(name=model.name, dataType=data_type, withdraw=True))
+    serving.wait_until(lambda r: r.status == ServingResult.NO_MODEL, data_type,
+                       what="NO_MODEL results after the withdrawal")
+    # the other data type keeps its model
+    serving.wait_until(lambda r: r.status == ServingResult.SCORED, what="the demo type still served")
