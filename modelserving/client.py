@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -199,3 +200,33 @@ def demo_rows(seed: int = 7) -> list[Row]:
     order = np.random.default_rng(seed).permutation(len(X))
     return [Row(DEMO_DATA_TYPE, tuple(names), tuple(float(v) for v in X[i]), f"cultivar-{i}")
             for i in order]
+
+
+class OutputFollower(threading.Thread):
+    """Reads a job's results and dead-letter topics in the background (read_committed) and
+    hands every decoded message to ``handle``; ``stop()`` ends it."""
+
+    def __init__(self, bootstrap_servers: str, results_topic: str, dead_letter_topic: str):
+        super().__init__(daemon=True)
+        self.bootstrap_servers = bootstrap_servers
+        self.topics = [results_topic, dead_letter_topic]
+        self.dead_letter_topic = dead_letter_topic
+        self.stopped = threading.Event()
+
+    def handle(self, message) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        kafka = consumer(self.bootstrap_servers, self.topics)
+        try:
+            while not self.stopped.is_set():
+                for _, message in follow(kafka, self.dead_letter_topic, timeout_s=0.3):
+                    self.handle(message)
+                    if self.stopped.is_set():
+                        break
+        finally:
+            kafka.close()
+
+    def stop(self, timeout_s: float = 5) -> None:
+        self.stopped.set()
+        self.join(timeout_s)

@@ -54,30 +54,16 @@ def wait_for_running_job(rest_port: int, job: subprocess.Popen, timeout_s: float
     raise TimeoutError(f"the job was not running after {timeout_s:.0f} s; see {DEMO_DIR / 'job.log'}")
 
 
-class Follower(threading.Thread):
-    """Reads results and dead letters; prints switches, dead letters and a sample of results."""
+class Follower(client.OutputFollower):
+    """Prints switches, dead letters and a sample of results, and counts them."""
 
     def __init__(self, settings: Settings, sample_every: int = 10):
-        super().__init__(daemon=True)
-        self.settings = settings
+        super().__init__(settings.bootstrap_servers, settings.results_topic, settings.dead_letter_topic)
         self.sample_every = sample_every
         self.counts: Counter = Counter()
         self.current_model = None
-        self.stopped = threading.Event()
 
-    def run(self) -> None:
-        kafka = client.consumer(self.settings.bootstrap_servers,
-                                [self.settings.results_topic, self.settings.dead_letter_topic])
-        try:
-            while not self.stopped.is_set():
-                for _, message in client.follow(kafka, self.settings.dead_letter_topic, timeout_s=0.5):
-                    self.show(message)
-                    if self.stopped.is_set():
-                        break
-        finally:
-            kafka.close()
-
-    def show(self, message) -> None:
+    def handle(self, message) -> None:
         if isinstance(message, DeadLetter):
             self.counts["dead letters"] += 1
             say(client.describe_message(message))
@@ -169,7 +155,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
     finally:
         say("stopping ...")
         if follower is not None:
-            follower.stopped.set()
+            follower.stop()
             say("results: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
         if job is not None and job.poll() is None:
             os.killpg(job.pid, signal.SIGTERM)

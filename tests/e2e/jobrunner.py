@@ -73,28 +73,20 @@ class JobProcess:
             self.log.close()
 
 
-class Collector(threading.Thread):
-    """Reads the results and dead-letter topics from the beginning, in the background."""
+class Collector(client.OutputFollower):
+    """Collects the results and dead letters of a job, from the beginning, in the background."""
 
     def __init__(self, settings: Settings):
-        super().__init__(daemon=True)
+        super().__init__(settings.bootstrap_servers, settings.results_topic, settings.dead_letter_topic)
         self.settings = settings
         self.results: list[ServingResult] = []
         self.dead_letters: list[DeadLetter] = []
         self.lock = threading.RLock()
-        self.stopped = threading.Event()
         self.start()
 
-    def run(self) -> None:
-        kafka = client.consumer(self.settings.bootstrap_servers,
-                                [self.settings.results_topic, self.settings.dead_letter_topic])
-        try:
-            while not self.stopped.is_set():
-                for topic, message in client.follow(kafka, self.settings.dead_letter_topic, timeout_s=0.3):
-                    with self.lock:
-                        (self.dead_letters if isinstance(message, DeadLetter) else self.results).append(message)
-        finally:
-            kafka.close()
+    def handle(self, message) -> None:
+        with self.lock:
+            (self.dead_letters if isinstance(message, DeadLetter) else self.results).append(message)
 
     def wait_for(self, predicate: Callable[["Collector"], object], timeout_s: float = 120,
                  what: str = "condition"):
@@ -113,6 +105,3 @@ class Collector(threading.Thread):
         with self.lock:
             return {r.recordId: r for r in self.results if r.recordId in ids}
 
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(5)
