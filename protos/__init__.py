@@ -46,6 +46,7 @@ if any(_is_stale(p) for p in PROTO_FILES):
     generate()
 
 from protos.modelserving_pb2 import (  # noqa: E402
+    ModelStats,
     DataRecord,
     DeadLetter,
     ModelDescriptor,
@@ -55,5 +56,5 @@ from protos.modelserving_pb2 import (  # noqa: E402
 
 ModelType = ModelDescriptor.ModelType
 
-__all__ = ["DataRecord", "DeadLetter", "ModelDescriptor", "ModelType", "ServingResult",
+__all__ = ["DataRecord", "DeadLetter", "ModelDescriptor", "ModelStats", "ModelType", "ServingResult",
            "WineRecord", "generate"]
