@@ -1,0 +1,307 @@
+"""The state service with an in-memory feed: the view's merging and history, and the HTTP layer."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from modelserving.state_service import ModelStateView, StateService
+from protos import ModelStats, ModelType
+
+T0 = 1_700_000_000_000
+
+
+def stats(data_type="wine", job="keyed", part=-1, subtask=0, model="lr", version="1", model_id=None,
+          model_type=ModelType.PMML, since=T0, usage=0, total_us=0.0, min_us=0.0, max_us=0.0,
+          no_model=0, dead=0, published=None, has_model=True) -> bytes:
+    return ModelStats(
+        job=job, dataType=data_type, part=part, subtask=subtask, hasModel=has_model,
+        modelName=model if has_model else "", modelDescription=f"{model} for {data_type}" if has_model else "",
+        modelType=model_type if has_model else 0, modelVersion=version if has_model else "",
+        modelId=(model_id or f"{model}-{version}-digest") if has_model else "",
+        sinceMs=since if has_model else 0, usage=usage, totalMicros=total_us, minMicros=min_us,
+        maxMicros=max_us, noModel=no_model, deadLetters=dead,
+        publishedMs=published or since + 1000).SerializeToString()
+
+
+def key(job, data_type, part=-1):
+    return f"{job}/{data_type}" if part == -1 else f"{job}/{data_type}/{part}"
+
+
+@pytest.fixture
+def view():
+    return ModelStateView(history_complete_since_ms=T0 - 5000)
+
+
+# -- the view ----------------------------------------------------------------------------------
+
+def test_keyed_stats_show_in_models(view):
+    view.ingest(key("keyed", "wine"), stats(usage=120, total_us=240_000.0, min_us=800.0, max_us=9000.0,
+                                            no_model=3, dead=2))
+    answer = view.models()
+    assert list(answer["data_types"]) == ["wine"] and answer["count"] == 1
+    keyed = answer["data_types"]["wine"]["jobs"]["keyed"]
+    assert keyed["model"] == {"name": "lr", "description": "lr for wine", "type": "PMML", "version": "1",
+                              "id": "lr-1-digest", "since_ms": T0, "since": "2023-11-14T22:13:20.000+00:00"}
+    assert keyed["stats"] == {"usage": 120, "mean_ms": 2.0, "min_ms": 0.8, "max_ms": 9.0, "total_ms": 240.0,
+                              "no_model": 3, "dead_letters": 2}
+    assert keyed["jitter"] is False and keyed["parts"] == 1 and keyed["has_model"] is True
+    assert answer["history_complete_since_ms"] == T0 - 5000
+    json.dumps(answer)  # JSON-able
+
+
+def test_later_message_of_a_key_replaces_the_earlier(view):
+    view.ingest(key("keyed", "wine"), stats(usage=10, total_us=10_000.0, min_us=500.0, max_us=2000.0))
+    view.ingest(key("keyed", "wine"), stats(usage=25, total_us=30_000.0, min_us=400.0, max_us=2500.0))
+    assert view.state("wine")["jobs"]["keyed"]["stats"]["usage"] == 25
+
+
+def test_no_model_yet(view):
+    view.ingest(key("keyed", "iris"), stats("iris", has_model=False, no_model=7))
+    keyed = view.state("iris")["jobs"]["keyed"]
+    assert keyed["has_model"] is False and keyed["model"] is None
+    assert keyed["stats"]["no_model"] == 7 and keyed["stats"]["usage"] == 0
+    assert keyed["stats"]["mean_ms"] is None and keyed["stats"]["min_ms"] is None
+
+
+def test_broadcast_parts_are_merged(view):
+    for part, (subtask, usage, total, lo, hi, no_model, dead) in enumerate(
+            [(0, 10, 20_000.0, 1000.0, 3000.0, 1, 0), (1, 30, 30_000.0, 500.0, 2500.0, 2, 1),
+             (0, 0, 0.0, 0.0, 0.0, 4, 0)]):
+        view.ingest(key("broadcast", "wine", part),
+                    stats(job="broadcast", part=part, subtask=subtask, usage=usage, total_us=total,
+                          min_us=lo, max_us=hi, no_model=no_model, dead=dead, since=T0 + part))
+    merged = view.state("wine")["jobs"]["broadcast"]
+    assert merged["parts"] == 3
+    assert merged["stats"] == {"usage": 40, "mean_ms": 1.25, "min_ms": 0.5, "max_ms": 3.0, "total_ms": 50.0,
+                               "no_model": 7, "dead_letters": 1}
+    assert merged["model"]["name"] == "lr" and merged["model"]["since_ms"] == T0  # first part to serve it
+    assert merged["jitter"] is False
+    assert [(i["part"], i["subtask"], i["model"], i["usage"]) for i in merged["instances"]] == [
+        (0, 0, "lr v1", 10), (1, 1, "lr v1", 30), (2, 0, "lr v1", 0)]
+
+
+def test_broadcast_jitter_when_parts_disagree(view):
+    view.ingest(key("broadcast", "wine", 0), stats(job="broadcast", part=0, subtask=0, model="lr", version="1",
+                                                   since=T0, usage=50, total_us=50_000.0, min_us=700.0,
+                                                   max_us=1500.0, no_model=1))
+    view.ingest(key("broadcast", "wine", 1), stats(job="broadcast", part=1, subtask=1, model="mlp", version="2",
+                                                   since=T0 + 60_000, usage=4, total_us=8_000.0, min_us=1800.0,
+                                                   max_us=2200.0, dead=1))
+    merged = view.state("wine")["jobs"]["broadcast"]
+    # the current model is the one that started most recently; its statistics are those of its parts
+    assert merged["model"]["name"] == "mlp" and merged["model"]["version"] == "2"
+    assert merged["stats"]["usage"] == 4 and merged["stats"]["mean_ms"] == 2.0
+    assert merged["stats"]["min_ms"] == 1.8 and merged["stats"]["max_ms"] == 2.2
+    # records without model and dead letters are the data type's, from every part
+    assert merged["stats"]["no_model"] == 1 and merged["stats"]["dead_letters"] == 1
+    assert merged["jitter"] is True
+    assert [{"subtask": i["subtask"], "model": i["model"]} for i in merged["instances"]] == [
+        {"subtask": 0, "model": "lr v1"}, {"subtask": 1, "model": "mlp v2"}]
+    # part 0 catches up: no more jitter, and the usage counts both parts
+    view.ingest(key("broadcast", "wine", 0), stats(job="broadcast", part=0, subtask=0, model="mlp", version="2",
+                                                   since=T0 + 60_050, usage=6, total_us=12_000.0,
+                                                   min_us=1500.0, max_us=2400.0, no_model=1))
+    merged = view.state("wine")["jobs"]["broadcast"]
+    assert merged["jitter"] is False and merged["stats"]["usage"] == 10
+    assert merged["stats"]["min_ms"] == 1.5 and merged["stats"]["max_ms"] == 2.4
+    assert merged["model"]["since_ms"] == T0 + 60_000
+
+
+def test_part_without_model_is_jitter(view):
+    view.ingest(key("broadcast", "wine", 0), stats(job="broadcast", part=0, usage=3))
+    view.ingest(key("broadcast", "wine", 1), stats(job="broadcast", part=1, subtask=1, has_model=False,
+                                                   no_model=2))
+    merged = view.state("wine")["jobs"]["broadcast"]
+    assert merged["jitter"] is True and merged["model"]["name"] == "lr"
+    assert [i["model"] for i in merged["instances"]] == ["lr v1", None]
+
+
+def test_two_jobs_serving_one_data_type_show_both(view):
+    view.ingest(key("keyed", "wine"), stats(usage=5))
+    view.ingest(key("broadcast", "wine", 3), stats(job="broadcast", part=3, model="mlp", usage=7))
+    view.ingest(key("keyed", "iris"), stats("iris", model="tree", usage=1))
+    answer = view.models()
+    assert sorted(answer["data_types"]) == ["iris", "wine"]
+    wine = answer["data_types"]["wine"]["jobs"]
+    assert sorted(wine) == ["broadcast", "keyed"]
+    assert (wine["keyed"]["model"]["name"], wine["keyed"]["stats"]["usage"]) == ("lr", 5)
+    assert (wine["broadcast"]["model"]["name"], wine["broadcast"]["stats"]["usage"]) == ("mlp", 7)
+
+
+def test_history_after_a_switch_newest_first(view):
+    view.ingest(key("keyed", "wine"), stats(model="lr", version="1", since=T0, usage=10))
+    view.ingest(key("keyed", "wine"), stats(model="lr", version="1", since=T0, usage=42))
+    view.ingest(key("keyed", "wine"), stats(model="mlp", version="2", model_type=ModelType.ONNX,
+                                            since=T0 + 20_000, usage=3))
+    history = view.history("wine")
+    assert [(h["name"], h["version"], h["type"], h["usage"], h["since_ms"]) for h in history["models"]] == [
+        ("mlp", "2", "ONNX", 3, T0 + 20_000), ("lr", "1", "PMML", 42, T0)]
+    assert history["history_complete_since_ms"] == T0 - 5000
+    assert [h["model"] for h in view.history("wine", limit=1)["models"]] == ["mlp v2"]
+    # a model that comes back after another one is a new entry
+    view.ingest(key("keyed", "wine"), stats(model="lr", version="1", since=T0 + 40_000, usage=1))
+    assert [(h["model"], h["usage"]) for h in view.history("wine")["models"]] == [
+        ("lr v1", 1), ("mlp v2", 3), ("lr v1", 42)]
+    assert view.history("unknown") is None
+
+
+def test_broadcast_history_sums_the_parts_of_each_model(view):
+    for part in (0, 1):
+        view.ingest(key("broadcast", "wine", part), stats(job="broadcast", part=part, subtask=part,
+                                                          since=T0 + part, usage=10 + part))
+    for part in (1, 0):  # the new model reaches part 1 first
+        view.ingest(key("broadcast", "wine", part), stats(job="broadcast", part=part, subtask=part, model="mlp",
+                                                          since=T0 + 30_000 - part, usage=5))
+    models = view.history("wine")["models"]
+    assert [(h["job"], h["model"], h["usage"], h["since_ms"]) for h in models] == [
+        ("broadcast", "mlp v1", 10, T0 + 29_999), ("broadcast", "lr v1", 21, T0)]
+
+
+def test_tombstone_removes_a_key(view):
+    view.ingest(key("keyed", "wine"), stats(usage=5))
+    view.ingest(key("keyed", "iris"), stats("iris", usage=6))
+    view.ingest(key("keyed", "wine"), None)
+    assert list(view.models()["data_types"]) == ["iris"]
+    assert view.state("wine") is None
+    assert view.health()["tombstones"] == 1 and view.health()["keys"] == 1
+    # one broadcast part withdrawn: the others remain
+    view.ingest(key("broadcast", "iris", 0), stats("iris", job="broadcast", part=0, usage=1))
+    view.ingest(key("broadcast", "iris", 1), stats("iris", job="broadcast", part=1, usage=2))
+    view.ingest(key("broadcast", "iris", 0), None)
+    assert view.state("iris")["jobs"]["broadcast"]["stats"]["usage"] == 2
+
+
+def test_undecodable_records_are_counted_and_skipped(view):
+    view.ingest(key("keyed", "wine"), b"\xff\xff\xff not a protobuf")
+    view.ingest(key("keyed", "wine"), stats(usage=5))
+    assert view.health()["undecodable"] == 1
+    assert view.state("wine")["jobs"]["keyed"]["stats"]["usage"] == 5
+
+
+def test_job_and_data_type_from_the_key_when_the_message_leaves_them_empty(view):
+    raw = ModelStats(part=-1, hasModel=True, modelName="lr", modelId="x", usage=9).SerializeToString()
+    view.ingest(b"keyed/wine", raw)
+    assert view.state("wine")["jobs"]["keyed"]["stats"]["usage"] == 9
+
+
+def test_rebuilding_from_the_latest_per_key_gives_the_same_view(view):
+    stream = [(key("keyed", "wine"), stats(usage=1)), (key("keyed", "wine"), stats(usage=8)),
+              (key("broadcast", "wine", 0), stats(job="broadcast", part=0, usage=3)),
+              (key("broadcast", "wine", 1), stats(job="broadcast", part=1, model="mlp", since=T0 + 9, usage=4)),
+              (key("keyed", "iris"), stats("iris")), (key("keyed", "iris"), None)]
+    for k, v in stream:
+        view.ingest(k, v)
+    compacted = {}
+    for k, v in stream:
+        compacted[k] = v
+    rebuilt = ModelStateView(history_complete_since_ms=view.history_complete_since_ms)
+    for k, v in compacted.items():
+        rebuilt.ingest(k, v)
+    strip = lambda answer: {k: v for k, v in answer.items() if k != "as_of_ms"}  # noqa: E731
+    assert strip(rebuilt.models()) == strip(view.models())
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str):
+    try:
+        with OPENER.open(url, timeout=5) as response:
+            return response.status, response.headers.get_content_type(), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get_content_type(), error.read().decode()
+
+
+@pytest.fixture
+def service():
+    svc = StateService(port=0, view=ModelStateView(history_complete_since_ms=T0 - 5000)).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_http_endpoints(service):
+    service.view.ingest(key("keyed", "wine"), stats(model="lr", usage=120, total_us=240_000.0, min_us=800.0,
+                                                    max_us=9000.0, dead=2))
+    service.view.ingest(key("keyed", "wine"), stats(model="mlp", version="2", since=T0 + 10_000, usage=7,
+                                                    total_us=7_000.0, min_us=900.0, max_us=1100.0, dead=3))
+    for part in (0, 1):
+        service.view.ingest(key("broadcast", "wine", part),
+                            stats(job="broadcast", part=part, subtask=part, model="mlp", version="2",
+                                  since=T0 + 10_000 + part, usage=3, total_us=3000.0, min_us=1000.0,
+                                  max_us=1000.0))
+    assert service.url.startswith("http://127.0.0.1:")
+
+    status, ctype, body = get(service.url + "/models")
+    assert (status, ctype) == (200, "application/json")
+    jobs = json.loads(body)["data_types"]["wine"]["jobs"]
+    assert jobs["keyed"]["model"]["name"] == "mlp" and jobs["keyed"]["stats"]["usage"] == 7
+    assert jobs["keyed"]["stats"]["dead_letters"] == 3
+    assert jobs["broadcast"]["stats"]["usage"] == 6 and jobs["broadcast"]["jitter"] is False
+
+    status, ctype, body = get(service.url + "/state/wine")
+    assert (status, ctype) == (200, "application/json")
+    assert json.loads(body)["data_type"] == "wine"
+    assert json.loads(body)["jobs"]["keyed"]["stats"]["mean_ms"] == 1.0
+
+    status, ctype, body = get(service.url + "/history/wine")
+    assert (status, ctype) == (200, "application/json")
+    history = json.loads(body)
+    assert [(h["job"], h["model"], h["usage"]) for h in history["models"]] == [
+        ("broadcast", "mlp v2", 6), ("keyed", "mlp v2", 7), ("keyed", "lr v1", 120)]
+    assert history["history_complete_since_ms"] == T0 - 5000
+    status, _, body = get(service.url + "/history/wine?limit=1")
+    assert status == 200 and len(json.loads(body)["models"]) == 1
+    assert get(service.url + "/history/wine?limit=x")[0] == 400
+
+    status, ctype, body = get(service.url + "/health")
+    assert (status, ctype) == (200, "application/json")
+    assert json.loads(body)["status"] == "ok" and json.loads(body)["view"]["keys"] == 3
+
+
+def test_unknown_data_type_is_a_404_naming_the_known_ones(service):
+    service.view.ingest(key("keyed", "wine"), stats())
+    service.view.ingest(key("keyed", "iris"), stats("iris"))
+    for path in ("/state/beer", "/history/beer"):
+        status, ctype, body = get(service.url + path)
+        assert (status, ctype) == (404, "application/json")
+        answer = json.loads(body)
+        assert answer["data_type"] == "beer" and answer["known_data_types"] == ["iris", "wine"]
+        assert "'beer'" in answer["message"] and "iris, wine" in answer["message"]
+    status, ctype, body = get(service.url + "/nowhere")
+    assert (status, ctype) == (404, "application/json") and json.loads(body)["path"] == "/nowhere"
+
+
+def test_html_page_shows_models_and_statistics(service):
+    status, ctype, body = get(service.url + "/")
+    assert (status, ctype) == (200, "text/html") and 'id="empty"' in body
+    service.view.ingest(key("keyed", "wine"), stats(model="winequality<lr>", usage=1234, total_us=2468_000.0,
+                                                    min_us=1000.0, max_us=4000.0, no_model=5, dead=6))
+    service.view.ingest(key("broadcast", "wine", 0), stats(job="broadcast", part=0, model="a", version="1"))
+    service.view.ingest(key("broadcast", "wine", 1), stats(job="broadcast", part=1, subtask=1, model="b",
+                                                           version="2", since=T0 + 1))
+    status, ctype, body = get(service.url + "/")
+    assert (status, ctype) == (200, "text/html")
+    assert '<section class="data-type" data-type="wine">' in body
+    keyed_row = body[body.index('data-job="keyed"'):]
+    keyed_row = keyed_row[:keyed_row.index("</tr>")]
+    assert '<td class="model-name">winequality&lt;lr&gt;</td>' in keyed_row  # escaped
+    assert '<td class="usage">1234</td>' in keyed_row
+    assert '<td class="mean-ms">2.000</td>' in keyed_row and '<td class="max-ms">4.000</td>' in keyed_row
+    assert '<td class="no-model">5</td>' in keyed_row and '<td class="dead-letters">6</td>' in keyed_row
+    assert 'data-jitter="false"' in keyed_row
+    broadcast_row = body[body.index('data-job="broadcast"'):]
+    broadcast_row = broadcast_row[:broadcast_row.index("</tr>")]
+    assert 'data-jitter="true"' in broadcast_row and "subtask 0 (part 0): a v1" in broadcast_row
+    assert "subtask 1 (part 1): b v2" in broadcast_row
+    # it refreshes itself without external assets
+    assert "setInterval(refresh, 2000)" in body and 'http-equiv="refresh"' in body
+    assert "src=" not in body and "https://" not in body
+    status, _, fragment = get(service.url + "/?fragment=1")
+    assert status == 200 and "<html" not in fragment and '<td class="usage">1234</td>' in fragment
