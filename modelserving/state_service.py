@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
@@ -59,6 +59,10 @@ DEFAULT_HISTORY_LIMIT = 10
 #: History entries kept per (job, data type); older ones are forgotten.
 HISTORY_KEPT = 100
 KEYED_PART = -1
+#: Seconds between attempts while Kafka or the topic is unavailable.
+RETRY_S = 1.0
+#: Seconds between checks for partitions added to the topic.
+PARTITION_CHECK_S = 30.0
 
 
 def _now_ms() -> int:
@@ -318,7 +322,10 @@ class KafkaStateFeed(threading.Thread):
     No consumer group (every service instance reads everything), ``read_committed`` (a job
     publishing transactionally shows only committed statistics). ``ready`` is set once every
     partition has been read up to the end offset it had when reading started; ``status`` is
-    ``waiting_for_topic`` while the topic does not exist, then ``catching_up``, then ``ok``.
+    ``connecting`` (no broker yet), ``waiting_for_topic`` (the topic does not exist; it is not
+    auto-created), ``catching_up``, then ``ok``. Failures are retried every second and shown
+    in ``error``; the view keeps serving what it has. Partitions added to the topic later are
+    picked up within ``PARTITION_CHECK_S``.
     """
 
     def __init__(self, view: ModelStateView, bootstrap_servers: str, topic: str = DEFAULT_TOPIC,
@@ -335,6 +342,7 @@ class KafkaStateFeed(threading.Thread):
         self.error: str | None = None
         self.lag: int | None = None
         self._targets: dict = {}
+        self._next_partition_check = 0.0
 
     def _consumer(self):
         from kafka import KafkaConsumer
@@ -352,20 +360,22 @@ class KafkaStateFeed(threading.Thread):
     def run(self) -> None:
         consumer = None
         try:
-            consumer = self._consumer()
             while not self.stopped.is_set():
                 try:
+                    if consumer is None:
+                        if not self.ready.is_set():
+                            self.status = "connecting"
+                        consumer = self._consumer()
                     self._step(consumer)
                     self.error = None
                 except Exception as exc:  # noqa: BLE001 - keep serving what we have; say why in health
                     if self.stopped.is_set():
                         break
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    log.warning("reading %s failed (retrying): %s", self.topic, self.error)
-                    self.stopped.wait(1.0)
-        except Exception as exc:  # noqa: BLE001 - the consumer could not even be created
-            self.status, self.error = "error", f"{type(exc).__name__}: {exc}"
-            log.error("the state feed of %s stopped: %s", self.topic, self.error)
+                    text = str(exc)
+                    self.error = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+                    log.warning("reading %s from %s failed (retrying): %s", self.topic,
+                                self.bootstrap_servers, self.error)
+                    self.stopped.wait(RETRY_S)
         finally:
             if consumer is not None:
                 consumer.close()
@@ -374,22 +384,25 @@ class KafkaStateFeed(threading.Thread):
         from kafka import TopicPartition
 
         assigned = set(consumer.assignment())
-        if not assigned or not self.ready.is_set():
+        if not assigned or time.monotonic() >= self._next_partition_check:
+            self._next_partition_check = time.monotonic() + PARTITION_CHECK_S
             partitions = consumer.partitions_for_topic(self.topic)
             if not partitions:
                 self.status = "waiting_for_topic"
-                self.stopped.wait(1.0)
+                self._next_partition_check = 0.0
+                self.stopped.wait(RETRY_S)
                 return
             wanted = {TopicPartition(self.topic, p) for p in partitions}
-            if wanted != assigned:
-                consumer.assign(sorted(wanted))
-                new = wanted - assigned
+            new = wanted - assigned
+            if new:  # the first time, or partitions added to the topic: read them from the beginning
+                consumer.assign(sorted(wanted | assigned))
                 consumer.seek_to_beginning(*new)
-                self._targets.update(consumer.end_offsets(sorted(new)))
-                self.status = "catching_up"
-                log.info("reading %s from the beginning: %s partition(s), %s record(s) to catch up",
-                         self.topic, len(wanted), self._remaining(consumer))
-        for tp, records in consumer.poll(timeout_ms=self.poll_ms).items():
+                if not self.ready.is_set():
+                    self._targets.update(consumer.end_offsets(sorted(new)))
+                    self.status = "catching_up"
+                log.info("reading %s from the beginning: %s new partition(s) of %s", self.topic,
+                         len(new), len(wanted))
+        for records in consumer.poll(timeout_ms=self.poll_ms).values():
             for record in records:
                 self.view.ingest(record.key, record.value)
         if not self.ready.is_set():
@@ -578,7 +591,7 @@ td[data-jitter="true"] {{ background: #fff3cd; }}
 </style></head>
 <body>
 <h1>Model serving state</h1>
-<p>JSON: <a href="/models">/models</a> · <a href="/health">/health</a> ·
+<p>JSON: <a href="models">/models</a> · <a href="health">/health</a> ·
 <code>/state/&lt;data type&gt;</code> · <code>/history/&lt;data type&gt;</code></p>
 <div id="tables">
 {tables}
@@ -587,9 +600,16 @@ td[data-jitter="true"] {{ background: #fff3cd; }}
 (function () {{
   var target = document.getElementById("tables");
   function refresh() {{
-    fetch("/?fragment=1", {{cache: "no-store"}})
+    fetch("?fragment=1", {{cache: "no-store"}})
       .then(function (r) {{ if (!r.ok) throw new Error(r.status); return r.text(); }})
-      .then(function (text) {{ target.innerHTML = text; }})
+      .then(function (text) {{
+        var open = Array.prototype.map.call(target.querySelectorAll("details[open]"),
+                                            function (d) {{ return d.getAttribute("data-type"); }});
+        target.innerHTML = text;
+        target.querySelectorAll("details").forEach(function (d) {{
+          if (open.indexOf(d.getAttribute("data-type")) >= 0) d.open = true;
+        }});
+      }})
       .catch(function (err) {{
         var s = document.getElementById("status");
         if (s) s.textContent = "service unreachable (" + err + "), retrying";
@@ -696,6 +716,8 @@ def serve(bootstrap_servers: str, topic: str = DEFAULT_TOPIC, host: str = DEFAUL
 # -- CLI ----------------------------------------------------------------------------------------
 
 def _cmd_serve(args) -> int:
+    if not getattr(args, "verbose", False):  # one line per HTTP request (every 2 s per open page) is noise
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     bootstrap = args.bootstrap or os.environ.get("MODELSERVING_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     print(f"state service on http://{args.host}:{args.port}/ (topic {args.topic} on {bootstrap}); "
           f"Ctrl-C stops it", flush=True)

@@ -305,3 +305,46 @@ def test_html_page_shows_models_and_statistics(service):
     assert "src=" not in body and "https://" not in body
     status, _, fragment = get(service.url + "/?fragment=1")
     assert status == 200 and "<html" not in fragment and '<td class="usage">1234</td>' in fragment
+
+
+def test_cli_hook_adds_state_serve():
+    import argparse
+
+    from modelserving import state_service
+
+    parser = argparse.ArgumentParser()
+    state_service.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["state", "serve"])
+    assert (args.topic, args.host, args.port, args.func) == ("model-state", "127.0.0.1", 5500,
+                                                             state_service._cmd_serve)
+    args = parser.parse_args(["state", "serve", "--bootstrap", "k:9092", "--topic", "t", "--host", "0.0.0.0",
+                              "--port", "5600"])
+    assert (args.bootstrap, args.topic, args.host, args.port) == ("k:9092", "t", "0.0.0.0", 5600)
+
+
+def test_feed_health_without_a_broker():
+    """No broker listening: the service still answers, /health says why it is not ready."""
+    from modelserving.kafka_local import free_port
+
+    with StateService(f"127.0.0.1:{free_port()}", "model-state", port=0,
+                      consumer_config={"bootstrap_timeout_ms": 300}) as service:
+        status, ctype, body = get(service.url + "/health")
+        assert (status, ctype) == (503, "application/json")
+        assert json.loads(body)["ready"] is False
+        assert json.loads(body)["status"] in ("starting", "connecting")
+        assert get(service.url + "/models")[0] == 200
+        error = eventually_error(service)
+        assert "Unable to bootstrap" in error and "127.0.0.1" in error
+
+
+def eventually_error(service, timeout_s=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = json.loads(get(service.url + "/health")[2])
+        if health["feed"]["error"]:
+            assert health["status"] == "connecting"
+            return health["feed"]["error"]
+        time.sleep(0.05)
+    raise AssertionError("no error reported in /health")
