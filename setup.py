@@ -38,6 +38,7 @@ setup(
         "scikit-learn>=1.3",
         "skl2onnx>=1.16",
         "numpy",
+        "werkzeug>=3.0,<4",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["modelserving=modelserving.cli:main"]},

@@ -32,6 +32,11 @@ class Settings:
     models_topic: str = _setting("models", "topic of ModelDescriptor messages (tutorial default: models)")
     results_topic: str = _setting("results", "topic the ServingResult messages are written to")
     dead_letter_topic: str = _setting("dead-letters", "topic of bad records and bad models, with reasons")
+    state_topic: str = _setting(
+        "model-state", "compacted topic of serving statistics (ModelStats) per data type, read by "
+        "`modelserving state serve`; empty disables publishing")
+    stats_interval_ms: int = _setting(
+        5000, "how often the statistics are published while records flow (and on every model change)")
     group_id: str = _setting("", "Kafka consumer group id; empty means modelserving-<job>")
     data_starting_offsets: str = _setting(
         "committed", "where a job without state starts reading data: earliest, latest, or committed "
@@ -109,9 +114,11 @@ class Settings:
             raise ValueError("spread_keys must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise ValueError("max_model_bytes and max_inline_model_bytes must be positive")
-        topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic]
+        topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
+                  self.state_topic]
+        topics = [t for t in topics if t]
         if len(set(topics)) != len(topics):
-            raise ValueError(f"data, models, results and dead-letter topics must differ: {topics}")
+            raise ValueError(f"data, models, results, dead-letter and state topics must differ: {topics}")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

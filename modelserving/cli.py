@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--switch-every", type=float, default=20.0, help="seconds between model switches")
     demo.set_defaults(func=cmd_demo)
 
-    from modelserving import cluster_cli  # standalone Flink cluster: start, submit, savepoint...
-    cluster_cli.register(sub)
+    from modelserving import cluster_cli, state_service
+    cluster_cli.register(sub)    # standalone Flink cluster: start, submit, savepoint...
+    state_service.register(sub)  # the live model state over HTTP
     return parser
 
 

@@ -22,10 +22,12 @@ from pyflink.datastream import (
 )
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
+from protos import ModelStats
+from udfs import statistics
 from udfs.errors import ModelError
 from udfs.models import parse_descriptor
 from udfs.records import record_data_type
-from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, ModelServer, Withdrawal
+from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, ModelServer, Withdrawal, now_ms
 
 log = logging.getLogger("modelserving")
 
@@ -37,6 +39,8 @@ DEAD_LETTERS = OutputTag("dead-letters", BYTES)
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
 MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)
 MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
+#: Keyed state of both joins: data type -> ModelStats bytes (the key's share of the statistics).
+MODEL_STATS = "model-stats"
 
 
 def keyed_record(raw: bytes) -> tuple[str, bytes]:
@@ -59,22 +63,96 @@ def spread_record(raw: bytes, spread: int) -> tuple[int, str, bytes]:
 
 
 class ServingMetrics:
-    """Counters every join reports, under the operator's ``modelserving`` group."""
+    """Counters under the operator's ``modelserving`` group, in total and per data type
+    (``modelserving.datatype.<type>.*``), plus the current model's version and age."""
 
     def __init__(self, runtime_context: RuntimeContext):
-        group = runtime_context.get_metrics_group().add_group("modelserving")
+        self.group = runtime_context.get_metrics_group().add_group("modelserving")
+        self.total = _Counters(self.group)
+        self.bad_models = self.group.counter("dead_letters_models")
+        self.models_loaded = self.group.counter("models_loaded")
+        self._per_type: dict[str, _Counters] = {}
+
+    def for_type(self, data_type: str) -> "_Counters":
+        counters = self._per_type.get(data_type)
+        if counters is None:
+            counters = _Counters(self.group.add_group("datatype", data_type or "(none)"), gauges=True)
+            self._per_type[data_type] = counters
+        return counters
+
+    def count(self, outcome) -> None:
+        self.total.count(outcome)
+        self.for_type(outcome.data_type).count(outcome)
+
+
+class _Counters:
+    def __init__(self, group, gauges: bool = False):
         self.scored = group.counter("records_scored")
         self.no_model = group.counter("records_no_model")
         self.bad_records = group.counter("dead_letters_records")
-        self.bad_models = group.counter("dead_letters_models")
-        self.models_loaded = group.counter("models_loaded")
         self.scoring_micros = group.distribution("scoring_micros")
         self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records}
+        self.model: LoadedModel | None = None
+        if gauges:
+            group.gauge("model_version", lambda: _numeric(self.model.info.version) if self.model else -1)
+            group.gauge("model_age_seconds",
+                        lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1)
 
     def count(self, outcome) -> None:
         self._by_kind[outcome.kind].inc()
         if outcome.kind == SCORED:
             self.scoring_micros.update(int(outcome.micros))
+
+
+def _numeric(version: str) -> int:
+    """Gauges are numbers: a version like "3" or "v3" reads 3, anything else -1."""
+    digits = version.lstrip("vV")
+    return int(digits) if digits.isdigit() else -1
+
+
+class StatsPublisher:
+    """Sends ModelStats snapshots to the compacted state topic from the Python worker.
+
+    Statistics are snapshots (the last one per key wins), so at-least-once delivery is
+    enough; they go through a plain Kafka producer because PyFlink's Kafka sink cannot set a
+    record key from a Python element without a Java serializer. A failure to publish is
+    logged and never fails serving."""
+
+    RETRY_AFTER_MS = 30_000
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._producer = None
+        self._failed_at = 0
+
+    def publish(self, key: str, value: bytes) -> None:
+        if not self.settings.state_topic:
+            return
+        try:
+            if self._producer is None:
+                if now_ms() - self._failed_at < self.RETRY_AFTER_MS:
+                    return
+                self._producer = self._connect()
+            self._producer.send(self.settings.state_topic, key=key.encode(), value=value)
+        except Exception as exc:  # statistics must never stop serving
+            log.warning("publishing statistics to %s failed: %s", self.settings.state_topic, exc)
+            self._failed_at, self._producer = now_ms(), None
+
+    def _connect(self):
+        from kafka import KafkaProducer
+
+        known = set(KafkaProducer.DEFAULT_CONFIG)
+        extra = {k.replace(".", "_"): v for k, v in self.settings.kafka_properties().items()
+                 if k.replace(".", "_") in known}
+        return KafkaProducer(bootstrap_servers=self.settings.bootstrap_servers, acks=1,
+                             linger_ms=100, **extra)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:
+                log.warning("closing the statistics producer failed: %s", exc)
 
 
 class ServingJoin:
@@ -86,6 +164,10 @@ class ServingJoin:
 
     def open_serving(self, runtime_context: RuntimeContext) -> None:
         self.subtask = runtime_context.get_index_of_this_subtask()
+        self.job = self.settings.job_name
+        self.publisher = StatsPublisher(self.settings)
+        self.stats = runtime_context.get_map_state(MapStateDescriptor(MODEL_STATS, Types.STRING(), BYTES))
+        self.stats_timer = runtime_context.get_state(ValueStateDescriptor("stats-timer", Types.LONG()))
         self.server = ModelServer(model_dirs=self.settings.model_dirs,
                                   max_model_bytes=self.settings.max_model_bytes,
                                   max_inline_model_bytes=self.settings.max_inline_model_bytes,
@@ -96,21 +178,54 @@ class ServingJoin:
     def close(self):
         if self.server is not None:
             self.server.close()
+            self.publisher.close()
 
-    def serve_record(self, data_type: str, raw: bytes, model_id, stored_descriptor):
-        """Yield the record's result, or its dead letter on the side output."""
+    def serve_record(self, ctx, data_type: str, part: int, raw: bytes, model_id, stored_descriptor):
+        """Yield the record's result, or its dead letter on the side output; keep statistics."""
         model, error = None, None
         if data_type:
             try:
                 model = self.server.current(data_type, model_id, stored_descriptor)
             except ModelError as exc:
                 error = exc
-        for outcome in self.server.serve((raw,), model, error):
+        outcomes = self.server.serve((raw,), model, error)
+        for outcome in outcomes:
             self.metrics.count(outcome)
             if outcome.is_dead_letter:
                 yield DEAD_LETTERS, outcome.payload
             else:
                 yield outcome.payload
+        if data_type:
+            self.metrics.for_type(data_type).model = model
+            self.track(ctx, data_type, part, model, outcomes)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes=()) -> None:
+        """Update this key's statistics of ``data_type``; publish at once on a model change,
+        else when the periodic timer fires."""
+        raw = self.stats.get(data_type)
+        stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
+        changed = statistics.follow_model(stats, model)
+        statistics.count(stats, outcomes)
+        self.stats.put(data_type, stats.SerializeToString())
+        if changed:
+            self.publish(stats)
+        if self.settings.stats_interval_ms > 0 and self.stats_timer.value() is None:
+            timers = ctx.timer_service()
+            due = timers.current_processing_time() + self.settings.stats_interval_ms
+            timers.register_processing_time_timer(due)
+            self.stats_timer.update(due)
+
+    def publish(self, stats: ModelStats) -> None:
+        self.publisher.publish(statistics.stats_key(stats.job, stats.dataType, stats.part),
+                               statistics.stamped(stats, self.subtask))
+
+    def on_timer(self, timestamp, ctx):
+        self.stats_timer.clear()
+        for _, raw in self.stats.items():
+            self.publish(ModelStats.FromString(raw))
+        yield from ()
 
     def accept_model(self, raw: bytes, report: bool = True):
         """Build a model from a descriptor; a bad one is dead-lettered (when ``report``) and
@@ -128,10 +243,12 @@ class ServingJoin:
         """Swap the cache after the state was updated, and say so."""
         if isinstance(model, Withdrawal):
             self.server.install(data_type, None)
+            self.metrics.for_type(data_type).model = None
             log.info("model withdrawn for data type '%s' (subtask %d)", data_type, self.subtask)
             return
         replaced = self.server.install(data_type, model)
         self.metrics.models_loaded.inc()
+        self.metrics.for_type(data_type).model = model
         if replaced is not None:
             log.info("loaded %s, replacing %s (subtask %d)", model.info, replaced.info, self.subtask)
         else:
@@ -148,7 +265,8 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
 
     def process_element1(self, value, ctx):
         data_type, raw = value
-        yield from self.serve_record(data_type, raw, self.model_id.value() if data_type else None,
+        yield from self.serve_record(ctx, data_type, statistics.KEYED_PART, raw,
+                                     self.model_id.value() if data_type else None,
                                      self.descriptor.value)
 
     def process_element2(self, value, ctx):
@@ -164,6 +282,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             self.model_id.update(model.info.model_id)
             self.descriptor.update(model.raw)
         self.installed(data_type, model)
+        self.track(ctx, data_type, statistics.KEYED_PART, None if isinstance(model, Withdrawal) else model)
 
 
 class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
@@ -176,11 +295,12 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         self.open_serving(runtime_context)
 
     def process_element(self, value, ctx):
-        _, data_type, raw = value
+        part, data_type, raw = value
         ids = ctx.get_broadcast_state(MODEL_IDS)
         model_id = ids.get(data_type) if data_type and ids.contains(data_type) else None
         descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-        yield from self.serve_record(data_type, raw, model_id, lambda: descriptors.get(data_type))
+        yield from self.serve_record(ctx, data_type, part, raw, model_id,
+                                     lambda: descriptors.get(data_type))
 
     def process_broadcast_element(self, raw, ctx):
         model, dead_letter = self.accept_model(raw, report=self.subtask == 0)
