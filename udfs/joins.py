@@ -206,7 +206,11 @@ class ServingJoin:
         else when the periodic timer fires."""
         raw = self.stats.get(data_type)
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
-        changed = statistics.follow_model(stats, model)
+        changed = statistics.is_change(stats, model)
+        if changed:
+            if stats.hasModel:
+                self.publish(stats)  # the replaced model's final figures, for the history
+            statistics.follow_model(stats, model)
         statistics.count(stats, outcomes)
         self.stats.put(data_type, stats.SerializeToString())
         if changed:

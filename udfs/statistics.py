@@ -23,19 +23,23 @@ def new_stats(job: str, data_type: str, part: int, subtask: int) -> ModelStats:
     return ModelStats(job=job, dataType=data_type, part=part, subtask=subtask)
 
 
+def is_change(stats: ModelStats, model: LoadedModel | None) -> bool:
+    if model is None:
+        return stats.hasModel
+    return not stats.hasModel or stats.modelId != model.info.model_id
+
+
 def follow_model(stats: ModelStats, model: LoadedModel | None) -> bool:
     """Point the statistics at ``model``; True when that is a change worth publishing."""
+    if not is_change(stats, model):
+        return False
     if model is None:
-        if not stats.hasModel:
-            return False
         for field in ("modelName", "modelDescription", "modelType", "modelVersion", "modelId",
                       "sinceMs", "usage", "totalMicros", "minMicros", "maxMicros"):
             stats.ClearField(field)
         stats.hasModel = False
         return True
     info = model.info
-    if stats.hasModel and stats.modelId == info.model_id:
-        return False
     stats.hasModel = True
     stats.modelName, stats.modelDescription = info.name, info.description
     stats.modelType, stats.modelVersion, stats.modelId = info.model_type, info.version, info.model_id

@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, Scenario  # noqa: E402
+
+from jobs.settings import Settings  # noqa: E402
+from modelserving import client  # noqa: E402
+from modelserving.kafka_admin import ensure_topics  # noqa: E402
+
+JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +34,29 @@ def kafka_broker(tmp_path_factory):
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module", params=JOB_MODULES)
+def serving(request, kafka_broker, trained_models, tmp_path_factory):
+    """A running job with its own topics, a producer and a collector of its outputs."""
+    job = request.param.rsplit(".", 1)[-1]
+    suffix = f"{job}-{uuid.uuid4().hex[:6]}"
+    model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
+    settings = Settings.from_sources(
+        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
+        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
+        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
+        stats_interval_ms=1000, parallelism=2, checkpoint_interval_ms=2000, rest_port=0,
+        model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
+    ensure_topics(settings.bootstrap_servers,
+                  [settings.data_topic, settings.models_topic, settings.results_topic,
+                   settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
+    process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
+    producer = client.producer(settings.bootstrap_servers)
+    collector = Collector(settings)
+    # the broadcast join holds a copy of the model on every instance: all must have switched
+    instances = settings.parallelism if job == "broadcast_job" else 1
+    yield Scenario(settings, producer, collector, process, trained_models, instances)
+    collector.stop()
+    producer.close()
+    process.stop()

@@ -1,6 +1,7 @@
 """Helpers of the end-to-end tests: a job in its own process, and a results collector."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,8 +15,12 @@ from typing import Callable
 
 from jobs.settings import Settings
 from modelserving import client
+from modelserving.client import Row, encode_record
 from modelserving.kafka_local import free_port
-from protos import DeadLetter, ServingResult
+from modelserving.training import DEMO_DATA_TYPE
+from protos import DeadLetter, ModelDescriptor, ServingResult
+
+MAX_MODEL_BYTES = 1_000_000
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +110,58 @@ class Collector(client.OutputFollower):
         with self.lock:
             return {r.recordId: r for r in self.results if r.recordId in ids}
 
+
+class Scenario:
+    def __init__(self, settings, producer, collector, process, models, instances):
+        self.settings, self.producer, self.collector = settings, producer, collector
+        self.process, self.models, self.instances = process, models, instances
+        self.counter = itertools.count()
+
+    def send_records(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.producer.send(self.settings.data_topic, key=row.data_type.encode(), value=encode_record(row))
+        self.producer.flush()
+
+    def send_raw_record(self, raw: bytes) -> None:
+        self.producer.send(self.settings.data_topic, value=raw).get(10)
+
+    def send_model(self, descriptor: ModelDescriptor | bytes) -> None:
+        if isinstance(descriptor, ModelDescriptor):
+            client.publish_model(self.producer, self.settings.models_topic, descriptor)
+        else:
+            self.producer.send(self.settings.models_topic, value=descriptor).get(10)
+
+    def rows(self, prefix: str, n: int, data_type: str = DEMO_DATA_TYPE) -> list[Row]:
+        base = client.demo_rows()
+        return [Row(data_type, base[i % len(base)].names, base[i % len(base)].values,
+                    f"{prefix}-{i}") for i in range(n)]
+
+    def wait_until_serving(self, model_name: str, data_type: str = DEMO_DATA_TYPE,
+                           timeout_s: float = 120) -> None:
+        self.wait_until(lambda r: r.modelName == model_name, data_type, timeout_s,
+                        f"a record scored by {model_name}")
+
+    def wait_until(self, accept, data_type: str = DEMO_DATA_TYPE, timeout_s: float = 120,
+                   what: str = "a probe result") -> None:
+        """Probe with fresh records until one comes back as ``accept`` wants.
+
+        Records and models travel on different topics, so "published before" does not mean
+        "arrived before"; the probe makes the order explicit (on every instance that holds
+        a copy of the model)."""
+        prefix = f"probe-{data_type}-"
+
+        def probed(c: Collector):
+            subtasks = {r.subtask for r in c.results if r.recordId.startswith(prefix) and accept(r)
+                        and int(r.recordId.split("-")[-2]) >= first}
+            if len(subtasks) < self.instances:
+                self.send_records(self.rows(f"{prefix}{next(self.counter)}", 1, data_type))
+                return None
+            return subtasks
+        first = next(self.counter)
+        self.collector.wait_for(probed, timeout_s, what)
+
+    def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
+        ids = list(ids)
+        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
+                                f"{len(ids)} results")
+        return self.collector.results_for(ids)

@@ -2,106 +2,17 @@
 back from Kafka. One job process per job module serves the whole scenario, in order."""
 from __future__ import annotations
 
-import itertools
 import math
-import uuid
 
 import pytest
 
-from jobs.settings import Settings
-from modelserving import client
 from modelserving.client import Row, encode_record
-from modelserving.kafka_admin import ensure_topics
 from modelserving.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
-from jobrunner import Collector, JobProcess
+from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess
 
 pytestmark = pytest.mark.e2e
-
-JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
-MAX_MODEL_BYTES = 1_000_000
-
-
-@pytest.fixture(scope="module", params=JOB_MODULES)
-def serving(request, kafka_broker, trained_models, tmp_path_factory):
-    """A running job with its own topics, a producer and a collector of its outputs."""
-    job = request.param.rsplit(".", 1)[-1]
-    suffix = f"{job}-{uuid.uuid4().hex[:6]}"
-    model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
-    settings = Settings.from_sources(
-        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
-        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", parallelism=2, checkpoint_interval_ms=2000, rest_port=0,
-        model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
-    ensure_topics(settings.bootstrap_servers,
-                  [settings.data_topic, settings.models_topic, settings.results_topic,
-                   settings.dead_letter_topic], partitions=2)
-    process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
-    producer = client.producer(settings.bootstrap_servers)
-    collector = Collector(settings)
-    # the broadcast join holds a copy of the model on every instance: all must have switched
-    instances = settings.parallelism if job == "broadcast_job" else 1
-    yield Scenario(settings, producer, collector, process, trained_models, instances)
-    collector.stop()
-    producer.close()
-    process.stop()
-
-
-class Scenario:
-    def __init__(self, settings, producer, collector, process, models, instances):
-        self.settings, self.producer, self.collector = settings, producer, collector
-        self.process, self.models, self.instances = process, models, instances
-        self.counter = itertools.count()
-
-    def send_records(self, rows: list[Row]) -> None:
-        for row in rows:
-            self.producer.send(self.settings.data_topic, key=row.data_type.encode(), value=encode_record(row))
-        self.producer.flush()
-
-    def send_raw_record(self, raw: bytes) -> None:
-        self.producer.send(self.settings.data_topic, value=raw).get(10)
-
-    def send_model(self, descriptor: ModelDescriptor | bytes) -> None:
-        if isinstance(descriptor, ModelDescriptor):
-            client.publish_model(self.producer, self.settings.models_topic, descriptor)
-        else:
-            self.producer.send(self.settings.models_topic, value=descriptor).get(10)
-
-    def rows(self, prefix: str, n: int, data_type: str = DEMO_DATA_TYPE) -> list[Row]:
-        base = client.demo_rows()
-        return [Row(data_type, base[i % len(base)].names, base[i % len(base)].values,
-                    f"{prefix}-{i}") for i in range(n)]
-
-    def wait_until_serving(self, model_name: str, data_type: str = DEMO_DATA_TYPE,
-                           timeout_s: float = 120) -> None:
-        self.wait_until(lambda r: r.modelName == model_name, data_type, timeout_s,
-                        f"a record scored by {model_name}")
-
-    def wait_until(self, accept, data_type: str = DEMO_DATA_TYPE, timeout_s: float = 120,
-                   what: str = "a probe result") -> None:
-        """Probe with fresh records until one comes back as ``accept`` wants.
-
-        Records and models travel on different topics, so "published before" does not mean
-        "arrived before"; the probe makes the order explicit (on every instance that holds
-        a copy of the model)."""
-        prefix = f"probe-{data_type}-"
-
-        def probed(c: Collector):
-            subtasks = {r.subtask for r in c.results if r.recordId.startswith(prefix) and accept(r)
-                        and int(r.recordId.split("-")[-2]) >= first}
-            if len(subtasks) < self.instances:
-                self.send_records(self.rows(f"{prefix}{next(self.counter)}", 1, data_type))
-                return None
-            return subtasks
-        first = next(self.counter)
-        self.collector.wait_for(probed, timeout_s, what)
-
-    def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
-        ids = list(ids)
-        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
-                                f"{len(ids)} results")
-        return self.collector.results_for(ids)
 
 
 def expected_for(model, rows: list[Row]):

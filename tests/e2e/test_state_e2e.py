@@ -1,0 +1,86 @@
+"""The live model state: a running job publishes statistics, the state service answers."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from modelserving.state_service import StateService
+from modelserving.training import descriptor_for
+from protos import ModelType, ServingResult
+
+pytestmark = pytest.mark.e2e
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str):
+    with NO_PROXY.open(url, timeout=5) as answer:
+        return json.load(answer)
+
+
+def scored_by(serving, data_type: str, model_name: str) -> int:
+    with serving.collector.lock:
+        return sum(r.status == ServingResult.SCORED and r.dataType == data_type
+                   and r.modelName == model_name for r in serving.collector.results)
+
+
+def wait_for_usage(serving, service, data_type: str, model) -> dict:
+    """The service's view once its usage equals the results on the results topic."""
+    job = serving.settings.job_name
+
+    def agreed(_):
+        try:
+            entry = get(f"{service.url}/state/{data_type}")["jobs"][job]
+        except (OSError, KeyError):
+            return None
+        expected = scored_by(serving, data_type, model.name)
+        if entry["model"]["name"] == model.name and entry["stats"]["usage"] == expected > 0:
+            return entry
+        return None
+    return serving.collector.wait_for(agreed, 90, f"usage of {model.name} in the state service")
+
+
+def test_state_service_follows_models_and_usage_and_survives_its_restart(serving):
+    data_type = "stats-type"
+    model_a, model_b = serving.models[ModelType.ONNX], serving.models[ModelType.PMML]
+    service = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic).start()
+    try:
+        service.wait_ready(60)
+        serving.send_model(descriptor_for(model_a, data_type=data_type))
+        serving.wait_until_serving(model_a.name, data_type)
+        rows = serving.rows("stats-a", 25, data_type)
+        serving.send_records(rows)
+        serving.wait_for_ids(r.record_id for r in rows)
+        entry = wait_for_usage(serving, service, data_type, model_a)
+        assert entry["model"]["type"] == "ONNX" and entry["model"]["version"] == model_a.version
+        assert entry["stats"]["min_ms"] <= entry["stats"]["mean_ms"] <= entry["stats"]["max_ms"]
+        assert entry["has_model"] and not entry["jitter"]
+
+        serving.send_model(descriptor_for(model_b, data_type=data_type))
+        serving.wait_until_serving(model_b.name, data_type)
+        more = serving.rows("stats-b", 25, data_type)
+        serving.send_records(more)
+        serving.wait_for_ids(r.record_id for r in more)
+        entry = wait_for_usage(serving, service, data_type, model_b)
+        assert entry["model"]["type"] == "PMML"
+        history = get(f"{service.url}/history/{data_type}")["models"]
+        assert [h["name"] for h in history][:2] == [model_b.name, model_a.name]
+        assert history[1]["usage"] == scored_by(serving, data_type, model_a.name)
+        before = get(f"{service.url}/state/{data_type}")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            NO_PROXY.open(f"{service.url}/state/no-such-type", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        service.stop()
+
+    restarted = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic).start()
+    try:
+        restarted.wait_ready(60)
+        after = get(f"{restarted.url}/state/{data_type}")
+        job = serving.settings.job_name
+        assert after["jobs"][job]["model"] == before["jobs"][job]["model"]
+        assert after["jobs"][job]["stats"] == before["jobs"][job]["stats"]
+    finally:
+        restarted.stop()

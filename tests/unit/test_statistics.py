@@ -1,0 +1,47 @@
+"""Serving statistics as kept in state and published (no Flink)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from protos import ModelStats, ModelType
+from udfs import statistics
+from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, Outcome
+
+
+def model(model_id: str, name: str = "m", since: int = 1000):
+    info = SimpleNamespace(model_id=model_id, name=name, description="d", model_type=ModelType.ONNX,
+                           version="2")
+    return SimpleNamespace(info=info, since_ms=since)
+
+
+def outcome(kind: str, micros: float = 0.0) -> Outcome:
+    return Outcome(kind, b"", "wine", micros)
+
+
+def test_usage_and_scoring_times_per_model():
+    stats = statistics.new_stats("keyed", "wine", statistics.KEYED_PART, 0)
+    assert statistics.follow_model(stats, model("a"))
+    statistics.count(stats, [outcome(SCORED, 30.0), outcome(SCORED, 10.0), outcome(NO_MODEL),
+                             outcome(BAD_RECORD), outcome(SCORED, 20.0)])
+    assert (stats.usage, stats.totalMicros, stats.minMicros, stats.maxMicros) == (3, 60.0, 10.0, 30.0)
+    assert (stats.noModel, stats.deadLetters) == (1, 1)
+    assert (stats.modelName, stats.modelVersion, stats.sinceMs) == ("m", "2", 1000)
+
+
+def test_a_new_model_resets_its_figures_but_not_the_data_type_counters():
+    stats = statistics.new_stats("keyed", "wine", statistics.KEYED_PART, 0)
+    statistics.follow_model(stats, model("a"))
+    statistics.count(stats, [outcome(SCORED, 5.0), outcome(NO_MODEL)])
+    assert not statistics.follow_model(stats, model("a"))  # the same model is no change
+    assert statistics.follow_model(stats, model("b", name="n", since=2000))
+    assert (stats.modelName, stats.usage, stats.sinceMs, stats.noModel) == ("n", 0, 2000, 1)
+    assert statistics.follow_model(stats, None)
+    assert not stats.hasModel and stats.modelName == "" and stats.noModel == 1
+
+
+def test_keys_and_stamps():
+    assert statistics.stats_key("keyed", "wine", statistics.KEYED_PART) == "keyed/wine"
+    assert statistics.stats_key("flat", "wine", 7) == "flat/wine/7"
+    stats = statistics.new_stats("flat", "wine", 7, 0)
+    decoded = ModelStats.FromString(statistics.stamped(stats, 1))
+    assert decoded.subtask == 1 and decoded.publishedMs > 0 and decoded.part == 7
