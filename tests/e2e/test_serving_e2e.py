@@ -126,6 +126,10 @@ def test_bad_input_goes_to_dead_letters_and_serving_continues(serving):
         lambda c: (m := job_metrics(serving.process)).get("dead_letters_models", 0) >= len(models)
         and m.get("dead_letters_records", 0) >= len(bad_records) and m, 90, "dead-letter metrics")
     assert counted["records_scored"] >= len(after)
+    # and per data type, with the serving model's version as a gauge
+    assert counted[f"datatype.{DEMO_DATA_TYPE}.records_scored"] >= len(after)
+    assert counted[f"datatype.{DEMO_DATA_TYPE}.dead_letters_records"] >= 2  # nan, wrong count
+    assert counted[f"datatype.{DEMO_DATA_TYPE}.model_version"] >= int(model_b.version)
 
 
 def job_metrics(process: JobProcess) -> dict[str, float]:
@@ -140,7 +144,7 @@ def job_metrics(process: JobProcess) -> dict[str, float]:
         values = process.rest(f"/jobs/{process.job_id}/vertices/{vertex['id']}/subtasks/metrics"
                               f"?get={','.join(wanted)}&agg=sum") or []
         for metric in values:
-            totals[metric["id"].rsplit(".", 1)[-1]] = metric["sum"]
+            totals[metric["id"].split(".modelserving.", 1)[1]] = metric["sum"]
     return totals
 
 
