@@ -137,9 +137,9 @@ def kafka_pipeline(env: StreamExecutionEnvironment, settings: Settings, build: B
 
 def run_job(job: str, build: BuildPipeline, argv: list[str] | None = None) -> None:
     """The thin ``main`` of every job: settings, environment, Kafka pipeline, execute."""
-    logging.basicConfig(level=os.environ.get("MODELSERVING_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_sources(argv, prog=f"python -m jobs.{job}_job").for_job(job)
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("starting %s with settings %s", settings.job_name, settings.describe())
     env = create_environment(settings)
     kafka_pipeline(env, settings, build, job)

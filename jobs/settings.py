@@ -64,6 +64,10 @@ class Settings:
     connector_jar: str = _setting("", "path of the Flink Kafka connector jar; empty means the "
                                   "one fetched by `modelserving jars fetch`")
     rest_port: int = _setting(8081, "web UI / REST port of the local (embedded) Flink")
+    log_level: str = _setting(
+        "INFO", "level of the job's own log lines: INFO says what a person needs (model loaded, "
+        "replaced, rejected, job settings); DEBUG adds per-record detail",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     kafka_properties_file: str = _setting(
         "", "Java properties file with extra Kafka client settings (security, SASL): secrets "
         "belong here or in the environment, never on the command line", secret=True)

@@ -115,12 +115,14 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         create_topics(settings)
         say("starting the keyed job on a local Flink ...")
         log_file = open(DEMO_DIR / "job.log", "w")
+        flink_logs = DEMO_DIR / "flink-log"  # the local Flink's log, with the Python workers' lines
         job = subprocess.Popen([sys.executable, "-m", "jobs.keyed_job"], stdout=log_file,
-                               stderr=subprocess.STDOUT, env={**os.environ, **settings.to_environ()},
+                               stderr=subprocess.STDOUT,
+                               env={**os.environ, **settings.to_environ(), "FLINK_LOG_DIR": str(flink_logs)},
                                start_new_session=True)
         jid = wait_for_running_job(rest_port, job)
         say(f"job running; Flink web UI: http://localhost:{rest_port}/#/job/running/{jid}/overview "
-            f"(job log: {DEMO_DIR / 'job.log'})")
+            f"(logs: {DEMO_DIR / 'job.log'}, {flink_logs})")
         follower = Follower(settings)
         follower.start()
 

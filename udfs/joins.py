@@ -163,6 +163,7 @@ class ServingJoin:
         self.server: ModelServer | None = None
 
     def open_serving(self, runtime_context: RuntimeContext) -> None:
+        log.setLevel(self.settings.log_level)  # the worker's root logger forwards to Flink's log
         self.subtask = runtime_context.get_index_of_this_subtask()
         self.job = self.settings.job_name
         self.publisher = StatsPublisher(self.settings)

@@ -161,6 +161,7 @@ class ModelServer:
                 scored.append((len(outcomes), record))
                 outcomes.append(None)
             except RecordError as exc:
+                log.debug("record refused: %s", exc)
                 outcomes.append(self._bad_record(raw, exc, model, data_type))
         if rows:
             self._score(model, rows, scored, outcomes)

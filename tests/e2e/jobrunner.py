@@ -36,7 +36,8 @@ class JobProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 240) -> "JobProcess":
-        env = {**os.environ, **self.settings.to_environ(), "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, **self.settings.to_environ(), "PYTHONPATH": str(PROJECT_ROOT),
+               "FLINK_LOG_DIR": str(self.log_path.parent / "flink-log")}
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=PROJECT_ROOT,
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -59,6 +60,10 @@ class JobProcess:
                 return json.load(r)
         except OSError:
             return None
+
+    def flink_log(self) -> str:
+        """The local Flink's log, where the Python workers' log lines go."""
+        return "".join(p.read_text(errors="replace") for p in sorted((self.log_path.parent / "flink-log").glob("*.log")))
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -58,6 +58,10 @@ def test_model_a_scores_records_then_model_b_takes_over(serving):
     rows_b = serving.rows("b", 40)
     serving.send_records(rows_b)
     assert_scored_by(serving.wait_for_ids(r.record_id for r in rows_b), model_b, rows_b)
+    # the switch is in the log, at INFO, naming both models
+    log = serving.process.flink_log()
+    assert f"loaded TENSORFLOWSAVED model '{model_b.name}' v{model_b.version} for data type " \
+        f"'{DEMO_DATA_TYPE}', replacing ONNX model '{model_a.name}'" in log
 
 
 def bad_models(models) -> dict[str, tuple[bytes, str]]:
