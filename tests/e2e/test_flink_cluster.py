@@ -1,0 +1,264 @@
+"""The keyed job on a real standalone Flink cluster (JobManager + TaskManager JVMs started
+from the pyflink distribution) against the real Kafka broker: submission with `flink run`,
+stop with a savepoint and resume from it, and recovery after a TaskManager is SIGKILLed.
+
+The three tests are one scenario, in order: (a) submits the job and publishes the model,
+(b) and (c) rely on the model being in the job's state from then on and never publish it
+again."""
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+import uuid
+
+import pytest
+
+from jobs.settings import Settings
+from modelserving import client
+from modelserving.client import Row, encode_record
+from modelserving.kafka_admin import ensure_topics
+from modelserving.kafka_local import free_port
+from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from protos import ModelType, ServingResult
+
+from jobrunner import Collector
+
+pytestmark = pytest.mark.e2e
+
+JOB_MODULE = "jobs.keyed_job"
+
+
+@pytest.fixture(scope="module")
+def flink(tmp_path_factory):
+    """A standalone cluster on free ports in a temporary directory, for this module."""
+    if shutil.which("java") is None:
+        pytest.skip("java (17+) is not on PATH: the standalone Flink cluster needs it")
+    from modelserving.flink_cluster import LocalFlinkCluster
+
+    cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2)
+    started = time.monotonic()
+    cluster.start(timeout=180)
+    print(f"\n[timing] cluster start (1 JobManager, 1 TaskManager registered): "
+          f"{time.monotonic() - started:.1f} s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.jobmanager_pids() and not cluster.taskmanager_pids()
+
+
+class Deployment:
+    """The job's topics, settings and arguments, a producer, a collector of its outputs, and
+    the id of the job currently serving them."""
+
+    def __init__(self, cluster, settings: Settings, model):
+        self.cluster, self.settings, self.model = cluster, settings, model
+        self.producer = client.producer(settings.bootstrap_servers)
+        self.collector = Collector(settings)
+        self.job_id: str | None = None
+        self.model_published = False
+        self.counter = itertools.count()
+        self.base = client.demo_rows()
+
+    def job_args(self) -> list[str]:
+        s = self.settings
+        return ["--bootstrap-servers", s.bootstrap_servers, "--data-topic", s.data_topic,
+                "--models-topic", s.models_topic, "--results-topic", s.results_topic,
+                "--dead-letter-topic", s.dead_letter_topic, "--state-topic", s.state_topic,
+                "--group-id", s.group_id, "--job-name", s.job_name,
+                "--model-dirs", ",".join(s.model_dirs),
+                "--parallelism", "2", "--checkpoint-interval-ms", "2000"]
+
+    def submit(self, savepoint: str | None = None) -> float:
+        """Submit the job (from a savepoint), wait until every task runs; returns seconds."""
+        started = time.monotonic()
+        self.job_id = self.cluster.submit(JOB_MODULE, self.job_args(), savepoint=savepoint)
+        self.cluster.wait_running(self.job_id, timeout=180)
+        return time.monotonic() - started
+
+    def row(self, prefix: str, i: int) -> Row:
+        base = self.base[i % len(self.base)]
+        return Row(DEMO_DATA_TYPE, base.names, base.values, f"{prefix}-{i}")
+
+    def rows(self, prefix: str, n: int) -> list[Row]:
+        return [self.row(prefix, i) for i in range(n)]
+
+    def send(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.producer.send(self.settings.data_topic, key=row.data_type.encode(),
+                               value=encode_record(row))
+        self.producer.flush()
+
+    def wait_until_scored_by(self, model_name: str, timeout_s: float = 120) -> None:
+        """Probe with fresh records until one comes back scored by ``model_name``: records and
+        models travel on different topics, so "published before" is not "arrived before"."""
+        first = next(self.counter)
+
+        def probed(c: Collector):
+            if any(r.recordId.startswith("probe-") and int(r.recordId.split("-")[1]) >= first
+                   and r.modelName == model_name for r in c.results):
+                return True
+            self.send(self.rows(f"probe-{next(self.counter)}", 1))
+            return False
+        self.collector.wait_for(probed, timeout_s, f"a probe scored by {model_name}")
+
+    def results(self, rows: list[Row], timeout_s: float = 120) -> dict[str, ServingResult]:
+        ids = [r.record_id for r in rows]
+        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
+                                f"{len(ids)} results")
+        return self.collector.results_for(ids)
+
+    def close(self) -> None:
+        if self.job_id:
+            try:
+                self.cluster.cancel(self.job_id)
+            except Exception:  # the cluster may be gone already; the fixture stops it anyway
+                pass
+        self.collector.stop()
+        self.producer.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(flink, kafka_broker, trained_models):
+    suffix = f"cluster-{uuid.uuid4().hex[:6]}"
+    model = trained_models[ModelType.ONNX]
+    model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
+    settings = Settings.from_sources(
+        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
+        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
+        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
+        model_dirs=(str(model_dir),)).for_job(suffix)
+    ensure_topics(settings.bootstrap_servers,
+                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
+                  compacted=[settings.models_topic, settings.state_topic], partitions=2)
+    deployment = Deployment(flink, settings, model)
+    try:
+        yield deployment
+    finally:
+        deployment.close()
+
+
+def expected_for(model, rows: list[Row]):
+    """What the model itself says about ``rows`` (the project's runtime, in this process)."""
+    from udfs.models import load_request
+    from udfs.records import to_batch
+    from udfs.runtimes import load_model
+
+    runtime = load_model(load_request(descriptor_for(model), [model.path.parent], 10**9))
+    batch = to_batch([[dict(zip(r.names, r.values))[n] for n in runtime.input_names] for r in rows],
+                     runtime.input_names)
+    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
+
+
+def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) -> None:
+    expected = expected_for(model, rows)
+    for row in rows:
+        result = results[row.record_id]
+        assert result.status == ServingResult.SCORED, row.record_id
+        assert (result.modelName, result.modelVersion, result.modelType) == \
+            (model.name, model.version, model.model_type)
+        assert result.label == expected[row.record_id].label
+        assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
+
+
+def test_submitted_job_scores_with_the_published_model(deployment):
+    flink = deployment.cluster
+    took = deployment.submit()
+    print(f"\n[timing] flink run to all tasks RUNNING: {took:.1f} s")
+    job = flink.job(deployment.job_id)
+    assert job["name"] == deployment.settings.job_name
+    assert {v["parallelism"] for v in job["vertices"]} == {2}
+    assert any(j["jid"] == deployment.job_id and j["state"] == "RUNNING" for j in flink.list_jobs())
+
+    client.publish_model(deployment.producer, deployment.settings.models_topic,
+                         descriptor_for(deployment.model))
+    deployment.model_published = True
+    deployment.wait_until_scored_by(deployment.model.name)
+    rows = deployment.rows("a", 30)
+    deployment.send(rows)
+    assert_scored_by(deployment.results(rows), deployment.model, rows)
+    assert not deployment.collector.dead_letters
+
+
+def test_stop_with_savepoint_and_resume_keeps_the_model(deployment):
+    assert deployment.model_published, "needs the job and model of the first test"
+    flink = deployment.cluster
+    old_job = deployment.job_id
+    started = time.monotonic()
+    savepoint = flink.stop_with_savepoint(old_job)
+    stopped = time.monotonic() - started
+    assert flink.job_state(old_job) == "FINISHED"
+    assert savepoint.startswith("file:") and "savepoint-" in savepoint
+    resumed = deployment.submit(savepoint=savepoint)
+    print(f"\n[timing] stop with savepoint: {stopped:.1f} s; resume from it to all tasks "
+          f"RUNNING: {resumed:.1f} s")
+    assert deployment.job_id != old_job
+    restored = (flink.checkpoints(deployment.job_id).get("latest") or {}).get("restored") or {}
+    assert restored.get("is_savepoint") and restored.get("external_path") == savepoint
+
+    # only data: the model must come from the restored state
+    rows = deployment.rows("b", 30)
+    deployment.send(rows)
+    assert_scored_by(deployment.results(rows), deployment.model, rows)
+
+
+def test_killed_taskmanager_job_recovers_from_its_checkpoint(deployment):
+    assert deployment.model_published, "needs the job and model of the first test"
+    flink = deployment.cluster
+    job_id = deployment.job_id
+    checkpoint = flink.wait_checkpoint(job_id, timeout=60)  # the model is in a checkpoint now
+
+    sent_at: dict[str, float] = {}
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def keep_sending() -> None:  # ~20 records/s until told to stop
+        try:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                row = deployment.row("c", i)
+                sent_at[row.record_id] = time.time()
+                deployment.send([row])
+                time.sleep(0.05)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    try:
+        deployment.collector.wait_for(
+            lambda c: sum(r.recordId.startswith("c-") for r in c.results) >= 10, 60,
+            "records flowing before the kill")
+        old_tms = flink.taskmanager_pids()
+        killed_at = time.time()
+        killed_mono = time.monotonic()
+        pid = flink.kill_taskmanager()
+        assert pid in old_tms and pid not in flink.taskmanager_pids()
+        flink.start_taskmanager(timeout=90)
+        assert flink.taskmanager_pids() and pid not in flink.taskmanager_pids()
+
+        flink.wait_restarted(job_id, since=killed_at, timeout=180)  # by itself, same job id
+        running_again = time.monotonic() - killed_mono
+
+        def first_new(c: Collector):
+            return any(r.recordId in sent_at and sent_at[r.recordId] > killed_at for r in c.results)
+        deployment.collector.wait_for(first_new, 120, "a result for a record sent after the kill")
+        first_result = time.monotonic() - killed_mono
+        print(f"\n[timing] TaskManager SIGKILL -> job RUNNING again: {running_again:.1f} s; "
+              f"-> first result of a record sent after the kill: {first_result:.1f} s "
+              f"(restarted from checkpoint {checkpoint['id']} or later)")
+    finally:
+        stop.set()
+        sender.join(10)
+    assert not failures, failures
+
+    # Every record sent (before, during and after the failure) is answered, at least once,
+    # by the model of before the failure, which nobody published again.
+    rows = deployment.rows("c", len(sent_at))
+    assert_scored_by(deployment.results(rows, timeout_s=120), deployment.model, rows)
+    assert flink.job_state(job_id) == "RUNNING"
+    restored = (flink.checkpoints(job_id).get("latest") or {}).get("restored") or {}
+    assert restored and not restored.get("is_savepoint") and restored["id"] >= checkpoint["id"]
