@@ -372,8 +372,9 @@ class LocalFlinkCluster:
         """Start the JobManager and TaskManager(s); return once ``taskmanagers`` TaskManagers
         have registered with the JobManager (REST ``/taskmanagers``)."""
         if self.jobmanager_pids():
+            running = LocalFlinkCluster.attach(self.workdir)
             raise FlinkClusterError(f"a Flink cluster is already running from {self.workdir} "
-                                    f"(web UI {self.url}); stop it first")
+                                    f"(web UI {running.url}); stop it first")
         if not _port_is_free(self.rest_port):
             raise FlinkClusterError(f"port {HOST}:{self.rest_port} is in use: another Flink "
                                     "(or something else) listens there; choose another --rest-port")
