@@ -1,0 +1,141 @@
+"""The state page and the Flink web UI of a running job, as a user sees them in headless Chromium."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from browser import Browser, require_chromium, screenshot_path
+from modelserving.state_service import StateService
+from modelserving.training import descriptor_for
+from protos import ModelType, ServingResult
+
+pytestmark = pytest.mark.e2e
+
+DATA_TYPE = "browser-type"
+SERVING_OPERATOR = "serve models (keyed by data type)"
+
+
+def scored(serving, model_name: str) -> list[ServingResult]:
+    with serving.collector.lock:
+        return [r for r in serving.collector.results if r.status == ServingResult.SCORED
+                and r.dataType == DATA_TYPE and r.modelName == model_name]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Chromium, found or installed before any broker or job starts (or the test skips)."""
+    return require_chromium()
+
+
+@pytest.mark.parametrize("serving", ["jobs.keyed_job"], indirect=True)
+def test_state_page_and_flink_web_ui_show_the_model_and_its_metric(chromium, serving):
+    """Publish a model, score records, then look at both pages in headless Chromium.
+
+    The state page must show the model and a usage equal to the records it scored (counted
+    on the results topic), and list it under "recent models". The Flink web UI's page of the
+    running job must show the job's name, its state and the serving operator.
+
+    The per-model metric is shown by driving the web UI as a user would, not by reading the
+    REST API: the serving vertex's Metrics tab, "Add Metric", type the data type's
+    ``records_scored``, pick the entry of the subtask that owns the data type, switch the
+    card to Big and Numeric, and the number shown must equal the same count. The browser is
+    driven over the DevTools protocol (real mouse and keyboard events) and every step waits
+    for the element it needs, so this proved reliable and quick; the REST API only gives
+    the vertex id for the tab's address.
+
+    The keyed job is enough: there a data type lives on one subtask, whose metric is the
+    whole usage (the broadcast job spreads a data type's records over its instances).
+    Screenshots of the three views go to artifacts/screenshots/.
+    """
+    model = serving.models[ModelType.ONNX]
+    process = serving.process
+    service = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic,
+                           refresh_s=1.0).start()
+    try:
+        service.wait_ready(60)
+        serving.send_model(descriptor_for(model, data_type=DATA_TYPE))
+        serving.wait_until_serving(model.name, DATA_TYPE)
+        rows = serving.rows("browser", 30, DATA_TYPE)
+        serving.send_records(rows)
+        serving.wait_for_ids(r.record_id for r in rows)
+        results = scored(serving, model.name)
+        usage = len(results)
+        subtasks = {r.subtask for r in results}
+        assert usage >= len(rows) and len(subtasks) == 1, subtasks  # keyed: one owner subtask
+
+        with Browser.launch(chromium) as browser:
+            page = browser.new_page(1400, 900)
+
+            # -- the state page (it refreshes itself until the published usage catches up)
+            page.goto(service.url + "/")
+            row = f'tr[data-type="{DATA_TYPE}"][data-job="{serving.settings.job_name}"]'
+            shown = page.wait_for(f"""(() => {{
+                const row = document.querySelector({json.dumps(row)});
+                if (!row) return null;
+                const cell = c => row.querySelector("td." + c).innerText.trim();
+                const shown = {{name: cell("model-name"), usage: cell("usage"), type: cell("model-type")}};
+                return shown.usage === "{usage}" ? shown : null;
+            }})()""", 60, f"the state page to show usage {usage} for {DATA_TYPE}")
+            assert shown == {"name": model.name, "usage": str(usage), "type": "ONNX"}
+            text = page.text()
+            assert DATA_TYPE in text and model.name in text
+            page.click(f'details.history[data-type="{DATA_TYPE}"] summary')   # recent models
+            page.wait_for(f"[...document.querySelectorAll('details[open] li.history-entry')]"
+                          f".some(li => li.innerText.includes({json.dumps(model.name)}))",
+                          10, "the model in the open history")
+            state_png = page.screenshot(screenshot_path("state-page"))
+            print(f"\nstate page: {state_png}")
+
+            # -- the Flink web UI: the running job's page
+            web_ui = f"http://127.0.0.1:{process.settings.rest_port}"
+            page.goto(f"{web_ui}/#/job/running/{process.job_id}/overview")
+            page.wait_for(f"""(() => {{
+                // the job graph drawn (its position settled) and the vertex list filled in
+                const nodes = [...document.querySelectorAll("flink-dagre .node-group")];
+                const node = nodes.find(n => n.textContent.includes({json.dumps(SERVING_OPERATOR)}));
+                const rows = document.querySelectorAll("flink-job-overview-list tbody tr");
+                if (nodes.length < 3 || !node || rows.length < 3
+                    || document.body.innerText.includes("loading...")) return false;
+                const r = node.getBoundingClientRect();
+                const where = [r.x, r.y, r.width, r.height].map(Math.round).join();
+                const settled = r.width > 0 && window.__servingNodeAt === where;
+                window.__servingNodeAt = where;
+                return settled;
+            }})()""", 60, "the job page with its graph and vertices")
+            text = page.text()
+            assert serving.settings.job_name in text and "RUNNING" in text
+            assert SERVING_OPERATOR in text
+            job_png = page.screenshot(screenshot_path("flink-job-overview"))
+            print(f"Flink web UI, job page: {job_png}")
+
+            # -- its serving vertex, Metrics tab: add the data type's records_scored
+            vertex = next(v["id"] for v in process.rest(f"/jobs/{process.job_id}")["vertices"]
+                          if v["name"].startswith(SERVING_OPERATOR))
+            metric = (f"{subtasks.pop()}.serve_models_(keyed_by_data_type)"
+                      f".modelserving.datatype.{DATA_TYPE}.records_scored")
+            # the tab lists the vertex's metrics once, when it opens; Python metrics reach the
+            # REST API with some delay, so open it once the metric exists there
+            listed = f"/jobs/{process.job_id}/vertices/{vertex}/metrics"
+            serving.collector.wait_for(lambda _: any(m["id"] == metric for m in process.rest(listed) or []),
+                                       60, f"{metric} in the REST API")
+            page.goto(f"{web_ui}/#/job/running/{process.job_id}/overview/{vertex}/metrics")
+            page.click("flink-job-overview-drawer-chart nz-select .ant-select-selector", timeout_s=30)
+            page.type_text(f"{DATA_TYPE}.records_scored")
+            page.click(".ant-select-item-option", metric, timeout_s=30)
+            chart = f"flink-job-chart:has(.title .text[title={json.dumps(metric)}])"
+            page.click(f"{chart} .title button", "Big")
+            page.click(f"{chart} .type-switch button", "Numeric")
+            value = page.wait_for(f"""(() => {{
+                const numeric = document.querySelector({json.dumps(chart + " .numeric")});
+                const value = numeric && !numeric.hidden ? numeric.innerText.trim() : null;
+                return value === "{usage}" ? value : null;
+            }})()""", 60, f"{metric} = {usage} in the web UI")
+            assert value == str(usage)
+            page.wait_for("!document.querySelector('.ant-select-dropdown')", 10,
+                          "the metric list to close")
+            assert SERVING_OPERATOR in page.text()
+            metric_png = page.screenshot(screenshot_path("flink-vertex-metrics"))
+            print(f"Flink web UI, serving vertex metric {metric} = {value}: {metric_png}")
+    finally:
+        service.stop()
