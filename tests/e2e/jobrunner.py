@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 import urllib.request
+
+import pytest
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +19,7 @@ from jobs.settings import Settings
 from modelserving import client
 from modelserving.client import Row, encode_record
 from modelserving.kafka_local import free_port
-from modelserving.training import DEMO_DATA_TYPE
+from modelserving.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ServingResult
 
 MAX_MODEL_BYTES = 1_000_000
@@ -170,3 +172,26 @@ class Scenario:
         self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
                                 f"{len(ids)} results")
         return self.collector.results_for(ids)
+
+
+def expected_for(model, rows: list[Row]):
+    from udfs.models import load_request
+    from udfs.records import to_batch
+    from udfs.runtimes import load_model
+
+    runtime = load_model(load_request(descriptor_for(model), [model.path.parent], 10**9))
+    batch = to_batch([[dict(zip(r.names, r.values))[n] for n in runtime.input_names] for r in rows],
+                     runtime.input_names)
+    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
+
+
+def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) -> None:
+    expected = expected_for(model, rows)
+    for row in rows:
+        result = results[row.record_id]
+        assert result.status == ServingResult.SCORED
+        assert (result.modelName, result.modelVersion, result.modelType) == \
+            (model.name, model.version, model.model_type)
+        assert result.label == expected[row.record_id].label
+        assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
+        assert list(result.probabilities) == pytest.approx(list(expected[row.record_id].probabilities), abs=1e-5)

@@ -1,10 +1,10 @@
-"""The keyed job on a real standalone Flink cluster (JobManager + TaskManager JVMs started
+"""Both jobs on a real standalone Flink cluster (JobManager + TaskManager JVMs started
 from the pyflink distribution) against the real Kafka broker: submission with `flink run`,
 stop with a savepoint and resume from it, and recovery after a TaskManager is SIGKILLed.
 
 The three tests are one scenario, in order: (a) submits the job and publishes the model,
 (b) and (c) rely on the model being in the job's state from then on and never publish it
-again."""
+again. The broadcast job is resumed with another parallelism (2 -> 1)."""
 from __future__ import annotations
 
 import itertools
@@ -23,11 +23,11 @@ from modelserving.kafka_local import free_port
 from modelserving.training import DEMO_DATA_TYPE, descriptor_for
 from protos import ModelType, ServingResult
 
-from jobrunner import Collector
+from jobrunner import Collector, assert_scored_by
 
 pytestmark = pytest.mark.e2e
 
-JOB_MODULE = "jobs.keyed_job"
+JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,10 @@ class Deployment:
     """The job's topics, settings and arguments, a producer, a collector of its outputs, and
     the id of the job currently serving them."""
 
-    def __init__(self, cluster, settings: Settings, model):
-        self.cluster, self.settings, self.model = cluster, settings, model
+    def __init__(self, cluster, settings: Settings, model, module: str):
+        self.cluster, self.settings, self.model, self.module = cluster, settings, model, module
+        self.broadcast = module == "jobs.broadcast_job"
+        self.parallelism = 2
         self.producer = client.producer(settings.bootstrap_servers)
         self.collector = Collector(settings)
         self.job_id: str | None = None
@@ -69,12 +71,12 @@ class Deployment:
                 "--dead-letter-topic", s.dead_letter_topic, "--state-topic", s.state_topic,
                 "--group-id", s.group_id, "--job-name", s.job_name,
                 "--model-dirs", ",".join(s.model_dirs),
-                "--parallelism", "2", "--checkpoint-interval-ms", "2000"]
+                "--parallelism", str(self.parallelism), "--checkpoint-interval-ms", "2000"]
 
     def submit(self, savepoint: str | None = None) -> float:
         """Submit the job (from a savepoint), wait until every task runs; returns seconds."""
         started = time.monotonic()
-        self.job_id = self.cluster.submit(JOB_MODULE, self.job_args(), savepoint=savepoint)
+        self.job_id = self.cluster.submit(self.module, self.job_args(), savepoint=savepoint)
         self.cluster.wait_running(self.job_id, timeout=180)
         return time.monotonic() - started
 
@@ -95,10 +97,13 @@ class Deployment:
         """Probe with fresh records until one comes back scored by ``model_name``: records and
         models travel on different topics, so "published before" is not "arrived before"."""
         first = next(self.counter)
+        # the broadcast join holds a copy of the model on every instance: probe them all
+        instances = self.parallelism if self.broadcast else 1
 
         def probed(c: Collector):
-            if any(r.recordId.startswith("probe-") and int(r.recordId.split("-")[1]) >= first
-                   and r.modelName == model_name for r in c.results):
+            subtasks = {r.subtask for r in c.results if r.recordId.startswith("probe-")
+                        and int(r.recordId.split("-")[1]) >= first and r.modelName == model_name}
+            if len(subtasks) >= instances:
                 return True
             self.send(self.rows(f"probe-{next(self.counter)}", 1))
             return False
@@ -120,9 +125,9 @@ class Deployment:
         self.producer.close()
 
 
-@pytest.fixture(scope="module")
-def deployment(flink, kafka_broker, trained_models):
-    suffix = f"cluster-{uuid.uuid4().hex[:6]}"
+@pytest.fixture(scope="module", params=JOB_MODULES)
+def deployment(request, flink, kafka_broker, trained_models):
+    suffix = f"cluster-{request.param.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.ONNX]
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
     settings = Settings.from_sources(
@@ -133,34 +138,11 @@ def deployment(flink, kafka_broker, trained_models):
     ensure_topics(settings.bootstrap_servers,
                   [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
                   compacted=[settings.models_topic, settings.state_topic], partitions=2)
-    deployment = Deployment(flink, settings, model)
+    deployment = Deployment(flink, settings, model, request.param)
     try:
         yield deployment
     finally:
         deployment.close()
-
-
-def expected_for(model, rows: list[Row]):
-    """What the model itself says about ``rows`` (the project's runtime, in this process)."""
-    from udfs.models import load_request
-    from udfs.records import to_batch
-    from udfs.runtimes import load_model
-
-    runtime = load_model(load_request(descriptor_for(model), [model.path.parent], 10**9))
-    batch = to_batch([[dict(zip(r.names, r.values))[n] for n in runtime.input_names] for r in rows],
-                     runtime.input_names)
-    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
-
-
-def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) -> None:
-    expected = expected_for(model, rows)
-    for row in rows:
-        result = results[row.record_id]
-        assert result.status == ServingResult.SCORED, row.record_id
-        assert (result.modelName, result.modelVersion, result.modelType) == \
-            (model.name, model.version, model.model_type)
-        assert result.label == expected[row.record_id].label
-        assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
 
 
 def test_submitted_job_scores_with_the_published_model(deployment):
@@ -191,12 +173,16 @@ def test_stop_with_savepoint_and_resume_keeps_the_model(deployment):
     stopped = time.monotonic() - started
     assert flink.job_state(old_job) == "FINISHED"
     assert savepoint.startswith("file:") and "savepoint-" in savepoint
+    if deployment.broadcast:
+        deployment.parallelism = 1  # broadcast state is restored on every instance, whatever their number
     resumed = deployment.submit(savepoint=savepoint)
     print(f"\n[timing] stop with savepoint: {stopped:.1f} s; resume from it to all tasks "
           f"RUNNING: {resumed:.1f} s")
     assert deployment.job_id != old_job
     restored = (flink.checkpoints(deployment.job_id).get("latest") or {}).get("restored") or {}
     assert restored.get("is_savepoint") and restored.get("external_path") == savepoint
+    job = flink.job(deployment.job_id)
+    assert {v["parallelism"] for v in job["vertices"]} == {deployment.parallelism}
 
     # only data: the model must come from the restored state
     rows = deployment.rows("b", 30)

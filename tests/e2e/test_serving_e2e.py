@@ -10,32 +10,9 @@ from modelserving.client import Row, encode_record
 from modelserving.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
-from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess
+from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, assert_scored_by
 
 pytestmark = pytest.mark.e2e
-
-
-def expected_for(model, rows: list[Row]):
-    from udfs.models import load_request
-    from udfs.records import to_batch
-    from udfs.runtimes import load_model
-
-    runtime = load_model(load_request(descriptor_for(model), [model.path.parent], 10**9))
-    batch = to_batch([[dict(zip(r.names, r.values))[n] for n in runtime.input_names] for r in rows],
-                     runtime.input_names)
-    return {row.record_id: p for row, p in zip(rows, runtime.score(batch))}
-
-
-def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) -> None:
-    expected = expected_for(model, rows)
-    for row in rows:
-        result = results[row.record_id]
-        assert result.status == ServingResult.SCORED
-        assert (result.modelName, result.modelVersion, result.modelType) == \
-            (model.name, model.version, model.model_type)
-        assert result.label == expected[row.record_id].label
-        assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
-        assert list(result.probabilities) == pytest.approx(list(expected[row.record_id].probabilities), abs=1e-5)
 
 
 def test_record_before_any_model_is_reported(serving):
