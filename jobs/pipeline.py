@@ -7,7 +7,6 @@ collections instead.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,6 @@ from pyflink.datastream.connectors.kafka import (
 )
 
 from jobs.settings import Settings
-from udfs.joins import BYTES
 
 log = logging.getLogger("modelserving")
 
@@ -44,7 +42,8 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
     conf = Configuration()
     conf.set_string("python.executable", settings.python_executable)
     conf.set_string("python.client.executable", settings.python_executable)
-    conf.set_string("rest.port", str(settings.rest_port))
+    if settings.rest_port:
+        conf.set_string("rest.port", str(settings.rest_port))
     for key, value in (extra or {}).items():
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)

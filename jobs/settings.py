@@ -63,7 +63,9 @@ class Settings:
         lambda: sys.executable, "Python interpreter of the Flink Python workers")
     connector_jar: str = _setting("", "path of the Flink Kafka connector jar; empty means the "
                                   "one fetched by `modelserving jars fetch`")
-    rest_port: int = _setting(8081, "web UI / REST port of the local (embedded) Flink")
+    rest_port: int = _setting(
+        0, "web UI / REST port of a local (embedded) Flink; 0 leaves it to Flink. Leave it at 0 "
+        "for `flink run`: a port set here would override the cluster address given with -m")
     log_level: str = _setting(
         "INFO", "level of the job's own log lines: INFO says what a person needs (model loaded, "
         "replaced, rejected, job settings); DEBUG adds per-record detail",

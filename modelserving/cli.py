@@ -129,7 +129,10 @@ def cmd_follow(args) -> int:
 
 def cmd_run(args) -> int:
     import importlib
-    importlib.import_module(f"jobs.{args.job}_job").main(args.job_args)
+    job_args = list(args.job_args)
+    if not any(a.startswith("--rest-port") for a in job_args):
+        job_args = ["--rest-port", "8081"] + job_args  # the local web UI where people expect it
+    importlib.import_module(f"jobs.{args.job}_job").main(job_args)
     return 0
 
 

@@ -18,7 +18,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 from jobs.settings import Settings
 from modelserving import client

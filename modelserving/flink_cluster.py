@@ -540,10 +540,9 @@ class LocalFlinkCluster:
             if allow_non_restored:
                 cmd.append("--allowNonRestoredState")
         # "--" ends Flink's own options, so job settings such as --parallelism reach the job
-        # (without it, `flink run` takes an option it knows as its own). The job's
-        # environment sets rest.port from its own settings, and that port overrides the
-        # --jobmanager address: the job must be told this cluster's port, last so it wins.
-        cmd += ["--pyModule", module, "--", *map(str, job_args), "--rest-port", str(self.rest_port)]
+        # (without it, `flink run` takes an option it knows as its own). The job leaves
+        # rest.port alone unless told (--rest-port), so --jobmanager decides where it goes.
+        cmd += ["--pyModule", module, "--", *map(str, job_args)]
         try:
             done = subprocess.run(cmd, env=self.environment({**self._job_env(), **(env or {})}),
                                   cwd=self.project_root,

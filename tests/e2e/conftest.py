@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, Scenario  # noqa: 
 from jobs.settings import Settings  # noqa: E402
 from modelserving import client  # noqa: E402
 from modelserving.kafka_admin import ensure_topics  # noqa: E402
+from modelserving.kafka_local import free_port  # noqa: E402
 
 JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
 
@@ -60,3 +62,22 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
     collector.stop()
     producer.close()
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def flink(tmp_path_factory):
+    """A standalone cluster on free ports in a temporary directory, for the session."""
+    if shutil.which("java") is None:
+        pytest.skip("java (17+) is not on PATH: the standalone Flink cluster needs it")
+    from modelserving.flink_cluster import LocalFlinkCluster
+
+    cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2)
+    started = time.monotonic()
+    cluster.start(timeout=180)
+    print(f"\n[timing] cluster start (1 JobManager, 1 TaskManager registered): "
+          f"{time.monotonic() - started:.1f} s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.jobmanager_pids() and not cluster.taskmanager_pids()

@@ -10,10 +10,10 @@ import sys
 import threading
 import time
 import urllib.request
-
-import pytest
 from pathlib import Path
 from typing import Callable
+
+import pytest
 
 from jobs.settings import Settings
 from modelserving import client
@@ -195,3 +195,80 @@ def assert_scored_by(results: dict[str, ServingResult], model, rows: list[Row]) 
         assert result.label == expected[row.record_id].label
         assert result.score == pytest.approx(expected[row.record_id].value, abs=1e-6)
         assert list(result.probabilities) == pytest.approx(list(expected[row.record_id].probabilities), abs=1e-5)
+
+
+class Deployment:
+    """The job's topics, settings and arguments, a producer, a collector of its outputs, and
+    the id of the job currently serving them."""
+
+    def __init__(self, cluster, settings: Settings, model, module: str):
+        self.cluster, self.settings, self.model, self.module = cluster, settings, model, module
+        self.broadcast = module == "jobs.broadcast_job"
+        self.parallelism = 2
+        self.producer = client.producer(settings.bootstrap_servers)
+        self.collector = Collector(settings)
+        self.job_id: str | None = None
+        self.model_published = False
+        self.counter = itertools.count()
+        self.base = client.demo_rows()
+
+    def job_args(self) -> list[str]:
+        s = self.settings
+        return ["--bootstrap-servers", s.bootstrap_servers, "--data-topic", s.data_topic,
+                "--models-topic", s.models_topic, "--results-topic", s.results_topic,
+                "--dead-letter-topic", s.dead_letter_topic, "--state-topic", s.state_topic,
+                "--group-id", s.group_id, "--job-name", s.job_name,
+                "--model-dirs", ",".join(s.model_dirs),
+                "--delivery-guarantee", s.delivery_guarantee,
+                "--parallelism", str(self.parallelism), "--checkpoint-interval-ms", "2000"]
+
+    def submit(self, savepoint: str | None = None) -> float:
+        """Submit the job (from a savepoint), wait until every task runs; returns seconds."""
+        started = time.monotonic()
+        self.job_id = self.cluster.submit(self.module, self.job_args(), savepoint=savepoint)
+        self.cluster.wait_running(self.job_id, timeout=180)
+        return time.monotonic() - started
+
+    def row(self, prefix: str, i: int) -> Row:
+        base = self.base[i % len(self.base)]
+        return Row(DEMO_DATA_TYPE, base.names, base.values, f"{prefix}-{i}")
+
+    def rows(self, prefix: str, n: int) -> list[Row]:
+        return [self.row(prefix, i) for i in range(n)]
+
+    def send(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.producer.send(self.settings.data_topic, key=row.data_type.encode(),
+                               value=encode_record(row))
+        self.producer.flush()
+
+    def wait_until_scored_by(self, model_name: str, timeout_s: float = 120) -> None:
+        """Probe with fresh records until one comes back scored by ``model_name``: records and
+        models travel on different topics, so "published before" is not "arrived before"."""
+        first = next(self.counter)
+        # the broadcast join holds a copy of the model on every instance: probe them all
+        instances = self.parallelism if self.broadcast else 1
+
+        def probed(c: Collector):
+            subtasks = {r.subtask for r in c.results if r.recordId.startswith("probe-")
+                        and int(r.recordId.split("-")[1]) >= first and r.modelName == model_name}
+            if len(subtasks) >= instances:
+                return True
+            self.send(self.rows(f"probe-{next(self.counter)}", 1))
+            return False
+        self.collector.wait_for(probed, timeout_s, f"a probe scored by {model_name}")
+
+    def results(self, rows: list[Row], timeout_s: float = 120) -> dict[str, ServingResult]:
+        ids = [r.record_id for r in rows]
+        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
+                                f"{len(ids)} results")
+        return self.collector.results_for(ids)
+
+    def close(self) -> None:
+        if self.job_id:
+            try:
+                self.cluster.cancel(self.job_id)
+            except Exception:  # the cluster may be gone already; the fixture stops it anyway
+                pass
+        self.collector.stop()
+        self.producer.close()

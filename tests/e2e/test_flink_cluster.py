@@ -8,7 +8,6 @@ again. The broadcast job is resumed with another parallelism (2 -> 1)."""
 from __future__ import annotations
 
 import itertools
-import shutil
 import threading
 import time
 import uuid
@@ -17,112 +16,15 @@ import pytest
 
 from jobs.settings import Settings
 from modelserving import client
-from modelserving.client import Row, encode_record
 from modelserving.kafka_admin import ensure_topics
-from modelserving.kafka_local import free_port
-from modelserving.training import DEMO_DATA_TYPE, descriptor_for
-from protos import ModelType, ServingResult
+from modelserving.training import descriptor_for
+from protos import ModelType
 
-from jobrunner import Collector, assert_scored_by
+from jobrunner import Collector, Deployment, assert_scored_by
 
 pytestmark = pytest.mark.e2e
 
 JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
-
-
-@pytest.fixture(scope="module")
-def flink(tmp_path_factory):
-    """A standalone cluster on free ports in a temporary directory, for this module."""
-    if shutil.which("java") is None:
-        pytest.skip("java (17+) is not on PATH: the standalone Flink cluster needs it")
-    from modelserving.flink_cluster import LocalFlinkCluster
-
-    cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2)
-    started = time.monotonic()
-    cluster.start(timeout=180)
-    print(f"\n[timing] cluster start (1 JobManager, 1 TaskManager registered): "
-          f"{time.monotonic() - started:.1f} s")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        assert not cluster.jobmanager_pids() and not cluster.taskmanager_pids()
-
-
-class Deployment:
-    """The job's topics, settings and arguments, a producer, a collector of its outputs, and
-    the id of the job currently serving them."""
-
-    def __init__(self, cluster, settings: Settings, model, module: str):
-        self.cluster, self.settings, self.model, self.module = cluster, settings, model, module
-        self.broadcast = module == "jobs.broadcast_job"
-        self.parallelism = 2
-        self.producer = client.producer(settings.bootstrap_servers)
-        self.collector = Collector(settings)
-        self.job_id: str | None = None
-        self.model_published = False
-        self.counter = itertools.count()
-        self.base = client.demo_rows()
-
-    def job_args(self) -> list[str]:
-        s = self.settings
-        return ["--bootstrap-servers", s.bootstrap_servers, "--data-topic", s.data_topic,
-                "--models-topic", s.models_topic, "--results-topic", s.results_topic,
-                "--dead-letter-topic", s.dead_letter_topic, "--state-topic", s.state_topic,
-                "--group-id", s.group_id, "--job-name", s.job_name,
-                "--model-dirs", ",".join(s.model_dirs),
-                "--parallelism", str(self.parallelism), "--checkpoint-interval-ms", "2000"]
-
-    def submit(self, savepoint: str | None = None) -> float:
-        """Submit the job (from a savepoint), wait until every task runs; returns seconds."""
-        started = time.monotonic()
-        self.job_id = self.cluster.submit(self.module, self.job_args(), savepoint=savepoint)
-        self.cluster.wait_running(self.job_id, timeout=180)
-        return time.monotonic() - started
-
-    def row(self, prefix: str, i: int) -> Row:
-        base = self.base[i % len(self.base)]
-        return Row(DEMO_DATA_TYPE, base.names, base.values, f"{prefix}-{i}")
-
-    def rows(self, prefix: str, n: int) -> list[Row]:
-        return [self.row(prefix, i) for i in range(n)]
-
-    def send(self, rows: list[Row]) -> None:
-        for row in rows:
-            self.producer.send(self.settings.data_topic, key=row.data_type.encode(),
-                               value=encode_record(row))
-        self.producer.flush()
-
-    def wait_until_scored_by(self, model_name: str, timeout_s: float = 120) -> None:
-        """Probe with fresh records until one comes back scored by ``model_name``: records and
-        models travel on different topics, so "published before" is not "arrived before"."""
-        first = next(self.counter)
-        # the broadcast join holds a copy of the model on every instance: probe them all
-        instances = self.parallelism if self.broadcast else 1
-
-        def probed(c: Collector):
-            subtasks = {r.subtask for r in c.results if r.recordId.startswith("probe-")
-                        and int(r.recordId.split("-")[1]) >= first and r.modelName == model_name}
-            if len(subtasks) >= instances:
-                return True
-            self.send(self.rows(f"probe-{next(self.counter)}", 1))
-            return False
-        self.collector.wait_for(probed, timeout_s, f"a probe scored by {model_name}")
-
-    def results(self, rows: list[Row], timeout_s: float = 120) -> dict[str, ServingResult]:
-        ids = [r.record_id for r in rows]
-        self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,
-                                f"{len(ids)} results")
-        return self.collector.results_for(ids)
-
-    def close(self) -> None:
-        if self.job_id:
-            try:
-                self.cluster.cancel(self.job_id)
-            except Exception:  # the cluster may be gone already; the fixture stops it anyway
-                pass
-        self.collector.stop()
-        self.producer.close()
 
 
 @pytest.fixture(scope="module", params=JOB_MODULES)
