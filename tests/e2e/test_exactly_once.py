@@ -1,0 +1,103 @@
+"""Exactly-once results through TaskManager failures, on the standalone cluster.
+
+The job writes results and dead letters transactionally (delivery_guarantee exactly-once);
+records with unique ids stream in while the TaskManager is SIGKILLed twice. Read with
+read_committed, every id appears exactly once, none is missing, and every one was scored by
+the model published before the stream (never published again)."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+
+from jobs.settings import Settings
+from modelserving import client
+from modelserving.kafka_admin import ensure_topics
+from modelserving.training import descriptor_for
+from protos import DeadLetter, ModelType, ServingResult
+
+from jobrunner import Deployment
+
+pytestmark = pytest.mark.e2e
+
+RECORDS = 600        # at ~25/s: the stream outlasts two kills and restarts
+BAD_EVERY = 100      # every 100th record is garbage, to check dead letters too
+
+
+@pytest.mark.parametrize("module", ["jobs.keyed_job", "jobs.broadcast_job"])
+def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, kafka_broker,
+                                                                  trained_models):
+    suffix = f"eo-{module.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
+    model = trained_models[ModelType.ONNX]
+    settings = Settings.from_sources(
+        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
+        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
+        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
+        delivery_guarantee="exactly-once").for_job(suffix)
+    ensure_topics(settings.bootstrap_servers,
+                  [settings.data_topic, settings.models_topic, settings.results_topic,
+                   settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
+    deployment = Deployment(flink, settings, model, module)
+    try:
+        deployment.submit()
+        client.publish_model(deployment.producer, settings.models_topic, descriptor_for(model))
+        deployment.wait_until_scored_by(model.name, timeout_s=180)
+
+        ids = [f"eo-{i}" for i in range(RECORDS)]
+        bad = {i: f"garbage {suffix} {i}".encode() for i in range(0, RECORDS, BAD_EVERY)}
+        sent = threading.Event()
+
+        def stream() -> None:
+            for i, record_id in enumerate(ids):
+                if i in bad:
+                    deployment.producer.send(settings.data_topic, value=bad[i])
+                else:
+                    deployment.send([deployment.row("eo", i)])
+                time.sleep(0.04)
+            deployment.producer.flush()
+            sent.set()
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        kills = []
+        for _ in range(2):
+            # kill while committed results are arriving, then let the job restart by itself
+            before = len(deployment.collector.results)
+            deployment.collector.wait_for(lambda c: len(c.results) >= before + 20, 180,
+                                          "committed results flowing")
+            killed_at = time.time()
+            flink.kill_taskmanager()
+            flink.start_taskmanager(timeout=90)
+            flink.wait_restarted(deployment.job_id, since=killed_at, timeout=180)
+            kills.append(time.time() - killed_at)
+        assert sent.wait(120), "the stream did not finish"
+
+        good_ids = [record_id for i, record_id in enumerate(ids) if i not in bad]
+        deployment.collector.wait_for(lambda c: len(c.results_for(good_ids)) == len(good_ids), 240,
+                                      "a committed result for every record")
+        deployment.collector.wait_for(
+            lambda c: {d.raw for d in c.dead_letters} >= set(bad.values()), 120,
+            "a committed dead letter for every bad record")
+        latest = flink.wait_checkpoint(deployment.job_id, timeout=60)
+        flink.wait_checkpoint(deployment.job_id, after=latest["id"], timeout=60)  # a late duplicate would be committed by now
+
+        with deployment.collector.lock:
+            results = [r for r in deployment.collector.results if r.recordId.startswith("eo-")]
+            letters = [d for d in deployment.collector.dead_letters if d.raw in set(bad.values())]
+        counts = Counter(r.recordId for r in results)
+        duplicated = {i: n for i, n in counts.items() if n > 1}
+        assert not duplicated, f"duplicated results: {duplicated}"
+        assert set(counts) == set(good_ids)
+        assert {r.status for r in results} == {ServingResult.SCORED}
+        assert {(r.modelName, r.modelVersion) for r in results} == {(model.name, model.version)}
+        assert Counter(d.raw for d in letters) == Counter(bad.values())
+        assert {d.kind for d in letters} == {DeadLetter.BAD_RECORD}
+        print(f"\n[timing] {module}: {len(good_ids)} results and {len(bad)} dead letters exactly "
+              f"once through 2 TaskManager kills (kill -> job RUNNING again: "
+              f"{', '.join(f'{k:.1f} s' for k in kills)})")
+    finally:
+        deployment.close()
+
