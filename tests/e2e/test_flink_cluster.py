@@ -64,6 +64,23 @@ def test_submitted_job_scores_with_the_published_model(deployment):
     deployment.send(rows)
     assert_scored_by(deployment.results(rows), deployment.model, rows)
     assert not deployment.collector.dead_letters
+    # the Prometheus reporter of flink-conf/ exposes the jobs' own metrics
+    deployment.collector.wait_for(lambda c: "modelserving_records_scored" in prometheus_metrics(),
+                                  60, "the serving metrics on a Prometheus endpoint")
+
+
+def prometheus_metrics() -> str:
+    """Everything the cluster's Prometheus endpoints (ports 9249-9260) serve."""
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = []
+    for port in range(9249, 9261):
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                text.append(answer.read().decode())
+        except OSError:
+            pass
+    return "".join(text)
 
 
 def test_stop_with_savepoint_and_resume_keeps_the_model(deployment):
