@@ -167,6 +167,17 @@ class Scenario:
         first = next(self.counter)
         self.collector.wait_for(probed, timeout_s, what)
 
+    def publish_and_score(self, model, data_type: str, prefix: str, n: int) -> list[Row]:
+        """Publish ``model`` for ``data_type``, wait until it serves, score ``n`` records."""
+        from modelserving.training import descriptor_for
+
+        self.send_model(descriptor_for(model, data_type=data_type))
+        self.wait_until_serving(model.name, data_type)
+        rows = self.rows(prefix, n, data_type)
+        self.send_records(rows)
+        self.wait_for_ids(r.record_id for r in rows)
+        return rows
+
     def wait_for_ids(self, ids, timeout_s: float = 120) -> dict[str, ServingResult]:
         ids = list(ids)
         self.collector.wait_for(lambda c: len(c.results_for(ids)) == len(ids), timeout_s,

@@ -7,7 +7,6 @@ import pytest
 
 from browser import Browser, require_chromium, screenshot_path
 from modelserving.state_service import StateService
-from modelserving.training import descriptor_for
 from protos import ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e
@@ -54,11 +53,7 @@ def test_state_page_and_flink_web_ui_show_the_model_and_its_metric(chromium, ser
                            refresh_s=1.0).start()
     try:
         service.wait_ready(60)
-        serving.send_model(descriptor_for(model, data_type=DATA_TYPE))
-        serving.wait_until_serving(model.name, DATA_TYPE)
-        rows = serving.rows("browser", 30, DATA_TYPE)
-        serving.send_records(rows)
-        serving.wait_for_ids(r.record_id for r in rows)
+        rows = serving.publish_and_score(model, DATA_TYPE, "browser", 30)
         results = scored(serving, model.name)
         usage = len(results)
         subtasks = {r.subtask for r in results}

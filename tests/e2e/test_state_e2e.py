@@ -7,7 +7,6 @@ import urllib.request
 import pytest
 
 from modelserving.state_service import StateService
-from modelserving.training import descriptor_for
 from protos import ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e
@@ -48,21 +47,13 @@ def test_state_service_follows_models_and_usage_and_survives_its_restart(serving
     service = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic).start()
     try:
         service.wait_ready(60)
-        serving.send_model(descriptor_for(model_a, data_type=data_type))
-        serving.wait_until_serving(model_a.name, data_type)
-        rows = serving.rows("stats-a", 25, data_type)
-        serving.send_records(rows)
-        serving.wait_for_ids(r.record_id for r in rows)
+        serving.publish_and_score(model_a, data_type, "stats-a", 25)
         entry = wait_for_usage(serving, service, data_type, model_a)
         assert entry["model"]["type"] == "ONNX" and entry["model"]["version"] == model_a.version
         assert entry["stats"]["min_ms"] <= entry["stats"]["mean_ms"] <= entry["stats"]["max_ms"]
         assert entry["has_model"] and not entry["jitter"]
 
-        serving.send_model(descriptor_for(model_b, data_type=data_type))
-        serving.wait_until_serving(model_b.name, data_type)
-        more = serving.rows("stats-b", 25, data_type)
-        serving.send_records(more)
-        serving.wait_for_ids(r.record_id for r in more)
+        serving.publish_and_score(model_b, data_type, "stats-b", 25)
         entry = wait_for_usage(serving, service, data_type, model_b)
         assert entry["model"]["type"] == "PMML"
         history = get(f"{service.url}/history/{data_type}")["models"]
