@@ -59,8 +59,9 @@ def create_topics(settings: Settings, partitions: int = 2, compact_models: bool 
     from modelserving.kafka_admin import ensure_topics
     topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
     models = [settings.models_topic]
+    state = [settings.state_topic] if settings.state_topic else []
     ensure_topics(settings.bootstrap_servers, topics + ([] if compact_models else models),
-                  compacted=models if compact_models else [], partitions=partitions)
+                  compacted=state + (models if compact_models else []), partitions=partitions)
 
 
 def cmd_topics(args) -> int:
@@ -68,7 +69,7 @@ def cmd_topics(args) -> int:
     create_topics(settings, args.partitions, args.compact_models)
     print(f"topics ready on {settings.bootstrap_servers}: {settings.data_topic}, "
           f"{settings.models_topic}{' (compacted)' if args.compact_models else ''}, "
-          f"{settings.results_topic}, {settings.dead_letter_topic}")
+          f"{settings.results_topic}, {settings.dead_letter_topic}, {settings.state_topic} (compacted)")
     return 0
 
 

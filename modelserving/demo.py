@@ -97,6 +97,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
     broker = LocalKafka(DEMO_DIR / "kafka", port=kafka_port, controller_port=free_port())
     job = None
     follower = None
+    state_service = None
     interrupted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
     try:
@@ -124,6 +125,10 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
             f"(logs: {DEMO_DIR / 'job.log'}, {flink_logs})")
         follower = Follower(settings)
         follower.start()
+        from modelserving.state_service import StateService
+        state_service = StateService(settings.bootstrap_servers, topic=settings.state_topic,
+                                     port=5500 if port_is_free(5500) else 0).start()
+        say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models)")
 
         kafka = client.producer(settings.bootstrap_servers)
         rows = client.demo_rows()
@@ -158,6 +163,8 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         if follower is not None:
             follower.stop()
             say("results: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
+        if state_service is not None:
+            state_service.stop()
         if job is not None and job.poll() is None:
             os.killpg(job.pid, signal.SIGTERM)
             try:
