@@ -38,7 +38,15 @@ def kafka_broker(tmp_path_factory):
         broker.stop()
 
 
-@pytest.fixture(scope="module", params=JOB_MODULES)
+def pytest_generate_tests(metafunc):
+    """Run every test that uses ``serving`` once per job, or per job in the test module's
+    own ``JOB_MODULES``."""
+    if "serving" in metafunc.fixturenames:
+        modules = getattr(metafunc.module, "JOB_MODULES", JOB_MODULES)
+        metafunc.parametrize("serving", modules, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def serving(request, kafka_broker, trained_models, tmp_path_factory):
     """A running job with its own topics, a producer and a collector of its outputs."""
     job = request.param.rsplit(".", 1)[-1]
