@@ -86,14 +86,19 @@ def cmd_publish(args) -> int:
     kafka = client.producer(settings.bootstrap_servers)
     try:
         if args.what == "model":
+            from modelserving.training import manifest_entry
             from protos import ModelType
+            trained = manifest_entry(args.path)  # `train` output: its manifest fills the gaps
             descriptor = client.model_descriptor(
-                args.path, args.data_type, name=args.name, version=args.version,
-                description=args.description,
+                args.path, args.data_type, name=args.name or (trained.name if trained else ""),
+                version=args.version or (trained.version if trained else ""),
+                description=args.description or (trained.description if trained else ""),
                 model_type=ModelType.Value(args.type) if args.type else None,
                 by_location=True if args.location else (False if args.inline else None),
-                input_features=args.input_features.split(",") if args.input_features else (),
-                class_labels=args.class_labels.split(",") if args.class_labels else ())
+                input_features=(args.input_features.split(",") if args.input_features
+                                else trained.input_features if trained else ()),
+                class_labels=(args.class_labels.split(",") if args.class_labels
+                              else trained.class_labels if trained else ()))
             client.publish_model(kafka, settings.models_topic, descriptor)
             how = f"location {descriptor.location}" if descriptor.location else f"{len(descriptor.data)} bytes inline"
             print(f"published {ModelType.Name(descriptor.modeltype)} model '{descriptor.name}' "
@@ -161,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_bootstrap(p):
         p.add_argument("--bootstrap", help="Kafka bootstrap servers (else MODELSERVING_BOOTSTRAP_SERVERS)")
-        p.add_argument("job_args", nargs=argparse.REMAINDER,
-                       help="job settings such as --models-topic, see `modelserving run keyed --help`")
+        p.set_defaults(takes_settings=True)  # other options are job settings (--models-topic ...)
         return p
 
     topics = with_bootstrap(sub.add_parser("topics", help="create the job's topics"))
@@ -225,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "takes_settings", False):
+        args.job_args = unknown  # job settings, e.g. --models-topic, anywhere on the line
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:

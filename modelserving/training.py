@@ -276,6 +276,16 @@ def load_manifest(out_dir: Path) -> list[TrainedModel]:
             for e in document["models"]]
 
 
+def manifest_entry(path: Path | str) -> TrainedModel | None:
+    """The trained model at ``path`` when a manifest beside it lists it, else None."""
+    path = Path(path).resolve()
+    try:
+        models = load_manifest(path.parent)
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((m for m in models if m.path == path), None)
+
+
 def descriptor_for(model: TrainedModel, data_type: str = DEMO_DATA_TYPE) -> ModelDescriptor:
     """The ModelDescriptor that publishes ``model`` (inline bytes, or the directory's path)."""
     descriptor = ModelDescriptor(name=model.name, description=model.description,

@@ -164,3 +164,14 @@ def test_binary_logistic_regression_pmml():
 def test_trained_model_type_name():
     model = TrainedModel("n", "1", ModelType.PMML, Path("/x"), True, (), (), "")
     assert model.type_name == "PMML"
+
+
+def test_manifest_entry_describes_a_trained_file(tmp_path):
+    from modelserving.training import manifest_entry, train_all
+
+    models = train_all(tmp_path)
+    onnx = next(m for m in models if m.path.suffix == ".onnx")
+    found = manifest_entry(onnx.path)
+    assert found is not None and found.name == onnx.name
+    assert found.input_features == onnx.input_features and len(found.input_features) == 13
+    assert manifest_entry(tmp_path / "not-a-model.onnx") is None
