@@ -25,6 +25,8 @@ from modelserving.cli import VAR_DIR, create_topics
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
 DEMO_DIR = VAR_DIR / "demo"
+#: The local Flink is on loopback: never ask an HTTP proxy from the environment for it.
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def say(message: str) -> None:
@@ -42,7 +44,7 @@ def wait_for_running_job(rest_port: int, job: subprocess.Popen, timeout_s: float
         if job.poll() is not None:
             raise RuntimeError(f"the job exited with code {job.returncode}; see {DEMO_DIR / 'job.log'}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/jobs/overview", timeout=2) as r:
+            with LOCAL.open(f"http://127.0.0.1:{rest_port}/jobs/overview", timeout=2) as r:
                 jobs = json.load(r)["jobs"]
             running = [j for j in jobs if j["state"] == "RUNNING"]
             if running and all(running[0]["tasks"].get(k, 0) == 0 for k in ("created", "scheduled", "deploying")):
