@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 ENV_PREFIX = "MODELSERVING_"
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once", "none")
 STARTING_OFFSETS = ("earliest", "latest", "committed")
+PYTHON_EXECUTION_MODES = ("process", "thread")
 
 
 def _setting(default, help_text: str, *, secret: bool = False, choices=None):
@@ -58,6 +59,22 @@ class Settings:
     spread_keys: int = _setting(
         128, "broadcast job: number of keys records are spread over (at least a few per "
         "parallel instance, so every instance gets records)")
+    batch_max_size: int = _setting(
+        64, "micro-batching: score at most this many records of one model in one call; 1 scores "
+        "each record on its own")
+    batch_max_wait_ms: int = _setting(
+        5, "micro-batching: longest a record waits for its batch to fill (processing-time timer)")
+    python_execution_mode: str = _setting(
+        "process", "where the Python functions run: process (a Python worker beside the JVM, "
+        "records cross in bundles) or thread (embedded in the TaskManager JVM)",
+        choices=PYTHON_EXECUTION_MODES)
+    bundle_size: int = _setting(
+        1000, "process mode: most records in one bundle sent to the Python worker")
+    bundle_time_ms: int = _setting(
+        20, "process mode: longest a bundle stays open; bounds the latency a bundle adds")
+    operator_chaining: str = _setting(
+        "on", "chain operators (on) or run each in its own task (off, for inspection only)",
+        choices=("on", "off"))
     job_name: str = _setting("", "Flink job name; empty means modelserving-<job>")
     python_executable: str = _setting(
         lambda: sys.executable, "Python interpreter of the Flink Python workers")
@@ -118,6 +135,10 @@ class Settings:
                                  f"not {getattr(self, f.name)!r}")
         if self.spread_keys <= 0:
             raise ValueError("spread_keys must be positive")
+        if self.batch_max_size <= 0 or self.batch_max_wait_ms < 0:
+            raise ValueError("batch_max_size must be positive and batch_max_wait_ms not negative")
+        if self.bundle_size <= 0 or self.bundle_time_ms <= 0:
+            raise ValueError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise ValueError("max_model_bytes and max_inline_model_bytes must be positive")
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,

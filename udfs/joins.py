@@ -20,7 +20,8 @@ from pyflink.datastream import (
     OutputTag,
     RuntimeContext,
 )
-from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+from pyflink.datastream import TimeDomain
+from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
 
 from protos import ModelStats
 from udfs import statistics
@@ -41,6 +42,13 @@ MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTE
 MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
 #: Keyed state of both joins: data type -> ModelStats bytes (the key's share of the statistics).
 MODEL_STATS = "model-stats"
+#: Keyed state of both joins when micro-batching: records received, not yet scored. They are
+#: in Flink state (not a Python list) so a checkpoint taken while they wait still holds them.
+PENDING_RECORDS = "pending-records"
+#: Event time of the end-of-input flush timer: only the final watermark of a bounded input
+#: reaches it (the Kafka jobs have no watermarks), so a finite stream never ends with records
+#: still waiting for their processing-time timer.
+END_OF_INPUT = 2 ** 62
 
 
 def keyed_record(raw: bytes) -> tuple[str, bytes]:
@@ -176,20 +184,80 @@ class ServingJoin:
                                   models_topic=self.settings.models_topic, subtask=self.subtask)
         self.metrics = ServingMetrics(runtime_context)
 
+        self.batch_max_size = max(1, self.settings.batch_max_size)
+        self.pending = (runtime_context.get_list_state(ListStateDescriptor(PENDING_RECORDS, BYTES))
+                        if self.batch_max_size > 1 else None)
+        self._pending_counts: dict = {}   # key -> records added since the last flush (this worker)
+        self._flush_due: dict = {}        # key -> processing time of its registered flush timer
+        self._end_timers: set = set()     # keys whose end-of-input timer is registered
+
     def close(self):
         if self.server is not None:
             self.server.close()
             self.publisher.close()
 
-    def serve_record(self, ctx, data_type: str, part: int, raw: bytes, model_id, stored_descriptor):
-        """Yield the record's result, or its dead letter on the side output; keep statistics."""
+    # -- records ------------------------------------------------------------------------
+
+    def model_lookup(self, ctx, data_type: str):
+        """(model id, descriptor loader) of ``data_type`` as the join's state has them."""
+        raise NotImplementedError
+
+    def data_type_in(self, key, raw: bytes) -> str:
+        """Data type of a pending record of ``key``."""
+        raise NotImplementedError
+
+    def part_of(self, key) -> int:
+        raise NotImplementedError
+
+    def on_record(self, ctx, key, data_type: str, raw: bytes):
+        """Score the record now (batching off), or add it to the key's pending batch, which is
+        scored when it is full, when its wait is over, or before a model change (keyed)."""
+        if self.pending is None:
+            yield from self.serve_batch(ctx, data_type, self.part_of(key), [raw])
+            return
+        self.pending.add(raw)
+        count = self._pending_counts.get(key, 0) + 1
+        if count >= self.batch_max_size:
+            yield from self.flush(ctx, key)
+            return
+        self._pending_counts[key] = count
+        if key not in self._flush_due:
+            timers = ctx.timer_service()
+            due = timers.current_processing_time() + self.settings.batch_max_wait_ms
+            timers.register_processing_time_timer(due)
+            self._flush_due[key] = due
+        if key not in self._end_timers:
+            ctx.timer_service().register_event_time_timer(END_OF_INPUT)
+            self._end_timers.add(key)
+
+    def flush(self, ctx, key):
+        """Score everything pending for ``key``: one batch per data type, in arrival order."""
+        if self.pending is None:
+            return
+        raws = list(self.pending.get() or ())
+        self._pending_counts.pop(key, None)
+        if not raws:
+            return
+        self.pending.clear()
+        by_type: dict[str, list[bytes]] = {}
+        for raw in raws:
+            by_type.setdefault(self.data_type_in(key, raw), []).append(raw)
+        part = self.part_of(key)
+        for data_type, batch in by_type.items():
+            for start in range(0, len(batch), self.batch_max_size):
+                yield from self.serve_batch(ctx, data_type, part,
+                                            batch[start:start + self.batch_max_size])
+
+    def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]):
+        """Yield the records' results, and dead letters on the side output; keep statistics."""
         model, error = None, None
         if data_type:
+            model_id, stored_descriptor = self.model_lookup(ctx, data_type)
             try:
                 model = self.server.current(data_type, model_id, stored_descriptor)
             except ModelError as exc:
                 error = exc
-        outcomes = self.server.serve((raw,), model, error)
+        outcomes = self.server.serve(raws, model, error)
         for outcome in outcomes:
             self.metrics.count(outcome)
             if outcome.is_dead_letter:
@@ -227,10 +295,21 @@ class ServingJoin:
                                statistics.stamped(stats, self.subtask))
 
     def on_timer(self, timestamp, ctx):
-        self.stats_timer.clear()
-        for _, raw in self.stats.items():
-            self.publish(ModelStats.FromString(raw))
-        yield from ()
+        key = ctx.get_current_key()
+        if ctx.time_domain() == TimeDomain.EVENT_TIME:      # the end of a bounded input
+            self._end_timers.discard(key)
+            yield from self.flush(ctx, key)
+            return
+        due = self._flush_due.get(key)
+        if self.pending is not None and (due is None or due <= timestamp):
+            # (due is None after a restore: flushing early is harmless, losing a timer is not)
+            self._flush_due.pop(key, None)
+            yield from self.flush(ctx, key)
+        stats_due = self.stats_timer.value()
+        if stats_due is not None and stats_due <= timestamp:
+            self.stats_timer.clear()
+            for _, raw in self.stats.items():
+                self.publish(ModelStats.FromString(raw))
 
     def accept_model(self, raw: bytes, report: bool = True):
         """Build a model from a descriptor; a bad one is dead-lettered (when ``report``) and
@@ -268,14 +347,23 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         self.model_id = runtime_context.get_state(ValueStateDescriptor("model-id", Types.STRING()))
         self.descriptor = runtime_context.get_state(ValueStateDescriptor("model-descriptor", BYTES))
 
+    def model_lookup(self, ctx, data_type):
+        return self.model_id.value(), self.descriptor.value
+
+    def data_type_in(self, key, raw):
+        return key
+
+    def part_of(self, key):
+        return statistics.KEYED_PART
+
     def process_element1(self, value, ctx):
         data_type, raw = value
-        yield from self.serve_record(ctx, data_type, statistics.KEYED_PART, raw,
-                                     self.model_id.value() if data_type else None,
-                                     self.descriptor.value)
+        yield from self.on_record(ctx, data_type, data_type, raw)
 
     def process_element2(self, value, ctx):
         data_type, raw = value
+        # records that arrived before this model are scored by the model they arrived under
+        yield from self.flush(ctx, data_type)
         model, dead_letter = self.accept_model(raw)
         if model is None:
             yield DEAD_LETTERS, dead_letter
@@ -294,18 +382,28 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
     """Input: (spreading key, data type, record bytes); broadcast input: descriptor bytes.
 
     Every instance loads every model; only instance 0 reports a bad model, so one bad model
-    makes one dead letter whatever the parallelism."""
+    makes one dead letter whatever the parallelism. A broadcast element has no current key,
+    so records pending in a micro-batch when a model changes are scored by the new model
+    (they arrived at most ``batch_max_wait_ms`` earlier; the two inputs have no order anyway)."""
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
 
+    def model_lookup(self, ctx, data_type):
+        ids = ctx.get_broadcast_state(MODEL_IDS)
+        model_id = ids.get(data_type) if ids.contains(data_type) else None
+        descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
+        return model_id, lambda: descriptors.get(data_type)
+
+    def data_type_in(self, key, raw):
+        return record_data_type(raw)
+
+    def part_of(self, key):
+        return key
+
     def process_element(self, value, ctx):
         part, data_type, raw = value
-        ids = ctx.get_broadcast_state(MODEL_IDS)
-        model_id = ids.get(data_type) if data_type and ids.contains(data_type) else None
-        descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-        yield from self.serve_record(ctx, data_type, part, raw, model_id,
-                                     lambda: descriptors.get(data_type))
+        yield from self.on_record(ctx, part, data_type, raw)
 
     def process_broadcast_element(self, raw, ctx):
         model, dead_letter = self.accept_model(raw, report=self.subtask == 0)

@@ -139,3 +139,35 @@ def test_broadcast_job_scores_one_data_type_on_every_instance(trained_models, se
     assert {r.status for r in results} == {ServingResult.SCORED}
     by_subtask = {s: sum(r.subtask == s for r in results) for s in (0, 1)}
     assert by_subtask[0] > 0 and by_subtask[1] > 0, by_subtask
+
+
+def comparable(result: ServingResult) -> bytes:
+    """A result without the fields that say when and where it was scored."""
+    copy = ServingResult()
+    copy.CopyFrom(result)
+    for name in ("servedMs", "scoringMicros", "subtask"):
+        copy.ClearField(name)
+    return copy.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, settings):
+    """Batches of up to 16 (and a wait long enough to fill them) give byte-identical results to
+    scoring each record alone, for a vector model (ONNX) and a PMML model, bad records included."""
+    rows = demo_rows()[:70]
+    other = [Row("cultivar-pmml", r.names, r.values, "p" + r.record_id) for r in rows[:40]]
+    bad = Row(DEMO_DATA_TYPE, rows[1].names, (math.nan,) + rows[1].values[1:], "nan-row")
+    records = [encode_record(r) for r in rows + other + [bad]] + [b"\xff\xfe garbage"]
+    models = [descriptor_for(trained_models[ModelType.ONNX]).SerializeToString(),
+              descriptor_for(trained_models[ModelType.PMML], data_type="cultivar-pmml").SerializeToString()]
+    outputs = {}
+    for size in (1, 16):
+        batching = settings.replace(batch_max_size=size, batch_max_wait_ms=2000)
+        results, dead = run_job(job, records, models, batching)
+        outputs[size] = (sorted(comparable(r) for r in results),
+                         sorted((d.raw, d.reason) for d in dead))
+    single, batched = outputs[1], outputs[16]
+    assert len(single[0]) == len(rows) + len(other)
+    assert {ServingResult.FromString(r).status for r in single[0]} == {ServingResult.SCORED}
+    assert len(single[1]) == 2
+    assert batched == single
