@@ -22,7 +22,7 @@ setup(
     version="0.1.0",
     description="Serve ML models (TensorFlow, PMML, ONNX) on Kafka streams with Apache Flink",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["protos", "udfs", "udfs.*", "jobs", "jobs.*",
+    packages=find_packages(include=["protos", "udfs", "udfs.*", "jobs", "jobs.*", "bench",
                                     "modelserving", "modelserving.*"]),
     package_data={"protos": ["*.proto"], "modelserving": ["*.json", "*.properties"]},
     cmdclass={"build_py": BuildWithProtos},
@@ -40,6 +40,8 @@ setup(
         "numpy",
         "werkzeug>=3.0,<4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"],
+                    # modelserving bench: plots, and profiles of the Python worker
+                    "bench": ["matplotlib>=3.8", "py-spy>=0.3", "pyinstrument>=4"]},
     entry_points={"console_scripts": ["modelserving=modelserving.cli:main"]},
 )

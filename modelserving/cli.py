@@ -8,6 +8,7 @@
     modelserving publish records ...       records from a CSV file or the demo dataset
     modelserving follow                    results and dead letters, readably
     modelserving run keyed [settings]      the keyed job on a local Flink (web UI on :8081)
+    modelserving bench [--quick]            every system side by side: throughput, latency, switches
     modelserving jars fetch                the pinned jars (Kafka connector, Kafka broker)
 """
 from __future__ import annotations
@@ -25,11 +26,33 @@ VAR_DIR = Path(os.environ.get("MODELSERVING_VAR_DIR", PROJECT_ROOT / "var"))
 DEFAULT_MODELS_DIR = VAR_DIR / "models"
 DEFAULT_KAFKA_DIR = VAR_DIR / "kafka"
 JOBS = ("keyed", "broadcast")
+BENCH_SYSTEMS = ("keyed", "broadcast", "plain-loop", "pass-through", "in-process")
+BENCH_FORMATS = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
 
 
 def _settings(args) -> Settings:
     return Settings.from_sources(getattr(args, "job_args", None) or [],
                                  **({"bootstrap_servers": args.bootstrap} if getattr(args, "bootstrap", None) else {}))
+
+
+def cmd_bench(args) -> int:
+    from bench.runner import run_bench
+
+    def subset(text, known):
+        chosen = tuple(part for part in text.split(",") if part)
+        unknown = set(chosen) - set(known)
+        if unknown:
+            raise SystemExit(f"unknown: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+        return chosen
+
+    settings = Settings.from_sources(args.job_args or [])
+    if settings.parallelism == 0:
+        settings = settings.replace(parallelism=2)  # one per core here; fixed, to compare runs
+    results = run_bench(args.out, VAR_DIR / "bench" / "work", args.quick, settings,
+                        subset(args.systems, BENCH_SYSTEMS), subset(args.formats, BENCH_FORMATS),
+                        args.experiments)
+    print(f"{len(results['results'])} results in {results['elapsed_s']} s; see {args.out}/results.md")
+    return 0
 
 
 def cmd_jars(args) -> int:
@@ -221,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20.0, help="records per second")
     demo.add_argument("--switch-every", type=float, default=20.0, help="seconds between model switches")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="throughput, latency and model switches of every system, "
+                           "side by side (job settings after the options tune the jobs under test)")
+    bench.add_argument("--quick", action="store_true", help="shorter trials: under 10 minutes")
+    bench.add_argument("--out", type=Path, default=VAR_DIR / "bench" / "latest",
+                       help="where the JSON, Markdown table and plots go")
+    bench.add_argument("--systems", default=",".join(BENCH_SYSTEMS),
+                       help=f"comma-separated subset of {','.join(BENCH_SYSTEMS)}")
+    bench.add_argument("--formats", default=",".join(BENCH_FORMATS),
+                       help=f"comma-separated subset of {','.join(BENCH_FORMATS)}")
+    bench.add_argument("--experiments", action="store_true",
+                       help="also measure each tuning choice (execution mode, bundles, batching, "
+                       "chaining) on the keyed job")
+    bench.set_defaults(func=cmd_bench, takes_settings=True)
 
     from modelserving import cluster_cli, state_service
     cluster_cli.register(sub)    # standalone Flink cluster: start, submit, savepoint...

@@ -1,7 +1,7 @@
 """Topic administration against any Kafka cluster (kafka-python admin client)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import kafka.errors as errors
 from kafka.admin import KafkaAdminClient
@@ -15,9 +15,11 @@ class TopicError(RuntimeError):
 
 
 def ensure_topics(bootstrap_servers: str, topics: Iterable[str], compacted: Iterable[str] = (),
-                  partitions: int = 2, replication: int = 1) -> None:
+                  partitions: int = 2, replication: int = 1,
+                  configs: Mapping[str, Mapping[str, str]] | None = None) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are) and
-    return once every topic has a leader. ``compacted`` topics get cleanup.policy=compact."""
+    return once every topic has a leader. ``compacted`` topics get cleanup.policy=compact;
+    ``configs`` adds topic configs by topic name."""
     if isinstance(topics, str):
         topics = [topics]
     compacted = [compacted] if isinstance(compacted, str) else list(compacted)
@@ -26,10 +28,12 @@ def ensure_topics(bootstrap_servers: str, topics: Iterable[str], compacted: Iter
         return
     spec = {}
     for name in wanted:
-        configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+        topic_configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
         if name in compacted:
-            configs["cleanup.policy"] = "compact"
-        spec[name] = {"num_partitions": partitions, "replication_factor": replication, "configs": configs}
+            topic_configs["cleanup.policy"] = "compact"
+        topic_configs.update((configs or {}).get(name, {}))
+        spec[name] = {"num_partitions": partitions, "replication_factor": replication,
+                      "configs": topic_configs}
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="modelserving-admin",
                              request_timeout_ms=10000)
     try:

@@ -1,0 +1,105 @@
+"""The baseline: model serving without Flink, as a competent user would write it.
+
+One process: a kafka-python consumer of the data and models topics, and for every poll,
+records grouped by data type and scored as one batch per model, results sent by a
+kafka-python producer. It uses the same model runtimes (onnxruntime, TensorFlow, pypmml)
+as the jobs; what it lacks is everything Flink adds (state, checkpoints, parallelism,
+failure recovery, metrics).
+
+    python -m bench.plain_loop --bootstrap 127.0.0.1:9092 --data-topic d --models-topic m \
+        --results-topic r --model-dirs var/models
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+
+from protos import DataRecord, ModelDescriptor, ServingResult
+from udfs.models import load_request
+from udfs.records import to_batch
+from udfs.runtimes import load_model
+
+log = logging.getLogger("plain-loop")
+
+
+def serve(args) -> None:
+    consumer = KafkaConsumer(args.data_topic, args.models_topic, bootstrap_servers=args.bootstrap,
+                             group_id=args.group_id, auto_offset_reset="earliest",
+                             enable_auto_commit=True, max_poll_records=args.max_poll_records,
+                             fetch_max_wait_ms=5)
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks=1, linger_ms=2,
+                             batch_size=256 * 1024)
+    model_dirs = [Path(d).resolve() for d in args.model_dirs.split(",") if d]
+    models = {}                  # data type -> (descriptor, runtime)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    while not stopping:
+        polled = consumer.poll(timeout_ms=100)
+        by_type: dict[str, list[DataRecord]] = {}
+        for partition, messages in polled.items():
+            if partition.topic == args.models_topic:
+                for message in messages:
+                    install(models, message.value, model_dirs)
+                continue
+            for message in messages:
+                try:
+                    record = DataRecord.FromString(message.value)
+                except Exception as exc:  # a bad record is logged and skipped
+                    log.warning("bad record: %s", exc)
+                    continue
+                by_type.setdefault(record.dataType, []).append(record)
+        for data_type, records in by_type.items():
+            if data_type not in models:
+                continue
+            descriptor, runtime = models[data_type]
+            rows = [[record.features[name] for name in runtime.input_names] for record in records]
+            started = time.perf_counter()
+            predictions = runtime.score(to_batch(rows, runtime.input_names))
+            micros = (time.perf_counter() - started) * 1e6 / len(records)
+            served = int(time.time() * 1000)
+            for record, prediction in zip(records, predictions):
+                result = ServingResult(
+                    status=ServingResult.SCORED, dataType=data_type, recordId=record.id,
+                    recordTs=record.ts, modelName=descriptor.name, modelVersion=descriptor.version,
+                    modelType=descriptor.modeltype, score=prediction.value, label=prediction.label,
+                    probabilities=prediction.probabilities, classLabels=prediction.class_labels,
+                    scoringMicros=micros, servedMs=served)
+                producer.send(args.results_topic, result.SerializeToString())
+    consumer.close()
+    producer.close()
+
+
+def install(models: dict, raw: bytes, model_dirs) -> None:
+    try:
+        descriptor = ModelDescriptor.FromString(raw)
+        runtime = load_model(load_request(descriptor, model_dirs, 1 << 30))
+    except Exception as exc:
+        log.warning("bad model: %s", exc)
+        return
+    models[descriptor.dataType] = (descriptor, runtime)
+    log.info("serving %s v%s for %s", descriptor.name, descriptor.version, descriptor.dataType)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.plain_loop")
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--data-topic", required=True)
+    parser.add_argument("--models-topic", required=True)
+    parser.add_argument("--results-topic", required=True)
+    parser.add_argument("--group-id", default="bench-plain-loop")
+    parser.add_argument("--model-dirs", default="")
+    parser.add_argument("--max-poll-records", type=int, default=500)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    np.seterr(all="ignore")
+    serve(args)
+
+
+if __name__ == "__main__":
+    main()

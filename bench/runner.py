@@ -1,0 +1,441 @@
+"""``modelserving bench``: every system, every model format, one broker, one machine, one run.
+
+For each system (keyed job, broadcast job, plain loop, pass-through job) and model format:
+1. a probe: records as fast as the producer sends them; the output rate estimates capacity;
+2. per run (median of ``runs``): the highest rate, from 90% of the estimate down in steps of
+   25%, that the system sustains (all results back, output rate within 15% of the input
+   rate, latency not growing); then latency percentiles at half of that rate;
+3. per job and format, model-switch latency: a new version published while records flow,
+   to the first result scored by it (the result's broker time minus the publish time).
+In-process batched scoring of the same records, without Kafka, is the ceiling.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from jobs.settings import Settings
+from modelserving.client import demo_rows, publish_model
+from modelserving.kafka_admin import ensure_topics
+from modelserving.kafka_local import LocalKafka, free_ports
+from modelserving.local_job import PROJECT_ROOT, JobProcess
+from modelserving.training import TrainedModel, descriptor_for, load_manifest, train_all
+from protos import ModelType, ServingResult
+from bench import workload
+from bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
+
+log = logging.getLogger("bench")
+
+FORMATS = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
+JOB_SYSTEMS = {"keyed": "jobs.keyed_job", "broadcast": "jobs.broadcast_job",
+               "pass-through": "bench.passthrough_job"}
+SYSTEMS = ("keyed", "broadcast", "plain-loop", "pass-through", "in-process")
+PASS_THROUGH_TYPE = "NONE"
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int = 3
+    trial_s: float = 8.0           # length of a sustain or latency trial
+    probe_s: float = 4.0           # aimed length of the capacity probe
+    switches: int = 3              # model switches per job and format
+    switch_rate: float = 200.0     # records/s flowing while models switch
+    quick: bool = False
+
+    @classmethod
+    def quick_plan(cls) -> "Plan":
+        return cls(runs=3, trial_s=2.5, probe_s=2.0, switches=3, quick=True)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    setting: str
+    value: object
+    note: str
+
+
+#: Tuning choices measured against the defaults (keyed job, ONNX), for the results page.
+EXPERIMENTS = (
+    Experiment("batch_max_size", 1, "no micro-batching: one model call per record"),
+    Experiment("python_execution_mode", "thread", "Python embedded in the TaskManager JVM"),
+    Experiment("bundle_time_ms", 100, "bundles closed after 100 ms instead of 20 ms"),
+    Experiment("bundle_time_ms", 1000, "PyFlink's default bundle time (1 s)"),
+    Experiment("bundle_size", 100, "bundles of at most 100 records instead of 1000"),
+    Experiment("operator_chaining", "off", "every operator its own task: records serialized "
+               "between each"),
+)
+
+
+def data_type_of(model_type: str) -> str:
+    return "bench-" + model_type.lower()
+
+
+def machine() -> dict:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "memory_gib": round(memory, 1), "cpu": cpu,
+            "platform": platform.platform()}
+
+
+def versions() -> dict:
+    from modelserving.jars import KAFKA_VERSION
+
+    found = {"python": platform.python_version(), "kafka": KAFKA_VERSION}
+    for package in ("apache-flink", "onnxruntime", "tensorflow-cpu", "pypmml", "kafka-python",
+                    "protobuf", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+class System:
+    """One system under test, reading ``data_topic`` (+ ``models_topic``), writing ``results_topic``."""
+
+    def __init__(self, name: str, bench: "Bench", overrides: dict | None = None, label: str = ""):
+        self.name = name
+        self.bench = bench
+        self.overrides = overrides or {}
+        tag = label or name
+        self.data_topic = f"{bench.run_id}-{tag}-data"
+        self.models_topic = f"{bench.run_id}-{tag}-models"
+        self.results_topic = f"{bench.run_id}-{tag}-results"
+        self.dead_letter_topic = f"{bench.run_id}-{tag}-dead-letters"
+        self.state_topic = f"{bench.run_id}-{tag}-state"
+        self.log_path = bench.work_dir / tag / "system.log"
+        self.process = None
+        self.collector: ResultCollector | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_topics(self.bench.bootstrap, [self.data_topic, self.models_topic,
+                                             self.dead_letter_topic, self.results_topic],
+                      compacted=[self.state_topic], partitions=2,
+                      configs={self.results_topic: workload.result_topic_configs()})
+        self.collector = ResultCollector(self.bench.bootstrap, self.results_topic)
+        self.collector.start()
+        if not self.collector.ready.wait(30):
+            raise RuntimeError(f"no assignment for {self.results_topic}")
+        if self.name == "plain-loop":
+            self.process = PlainLoopProcess(self, self.log_path).start()
+        else:
+            self.process = JobProcess(JOB_SYSTEMS[self.name], self.job_settings(), self.log_path).start()
+
+    def job_settings(self) -> Settings:
+        return self.bench.settings.replace(
+            bootstrap_servers=self.bench.bootstrap, data_topic=self.data_topic,
+            models_topic=self.models_topic, results_topic=self.results_topic,
+            dead_letter_topic=self.dead_letter_topic, state_topic=self.state_topic,
+            data_starting_offsets="earliest", group_id="", job_name="",
+            model_dirs=(str(self.bench.models_dir),), **self.overrides).for_job(
+            f"bench-{self.name}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+        if self.collector is not None:
+            self.collector.stop()
+
+
+class PlainLoopProcess:
+    def __init__(self, system: System, log_path: Path):
+        self.system, self.log_path = system, log_path
+
+    def start(self) -> "PlainLoopProcess":
+        s = self.system
+        self.log = open(self.log_path, "w")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "bench.plain_loop", "--bootstrap", s.bench.bootstrap,
+             "--data-topic", s.data_topic, "--models-topic", s.models_topic,
+             "--results-topic", s.results_topic, "--model-dirs", str(s.bench.models_dir)],
+            cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        self.log.close()
+
+
+class Bench:
+    def __init__(self, out_dir: Path, work_dir: Path, plan: Plan, settings: Settings,
+                 systems=SYSTEMS, formats=FORMATS, experiments: bool = False):
+        self.out_dir, self.work_dir, self.plan = Path(out_dir), Path(work_dir), plan
+        self.settings = settings
+        self.systems, self.formats, self.with_experiments = systems, formats, experiments
+        self.run_id = "bench-" + time.strftime("%H%M%S")
+        self.models_dir = self.work_dir / "models"
+        self.rows = [dict(zip(r.names, r.values)) for r in demo_rows()]
+        self.producer = None
+        self.trial_counter = 0
+
+    # -- the whole run ------------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.models = self.trained_models()
+        results = {"created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "quick": self.plan.quick, "runs": self.plan.runs, "machine": machine(),
+                   "versions": versions(), "settings": self.setting_summary(),
+                   "method": __doc__.split("\n\n", 1)[1].strip(),
+                   "results": [], "model_switch": [], "experiments": []}
+        if "in-process" in self.systems:
+            results["results"] += [self.in_process(f) for f in self.formats]
+        kafka_dir = self.work_dir / "kafka"
+        shutil.rmtree(kafka_dir, ignore_errors=True)
+        port, controller = free_ports(2)
+        with LocalKafka(kafka_dir, port=port, controller_port=controller, heap="768m",
+                        die_with_parent=True) as kafka:
+            self.bootstrap = kafka.bootstrap
+            self.producer = new_producer(self.bootstrap)
+            for name in self.systems:
+                if name == "in-process":
+                    continue
+                entries, switches = self.measure_system(name)
+                results["results"] += entries
+                results["model_switch"] += switches
+            if self.with_experiments:
+                results["experiments"] = self.experiments(results["results"])
+            self.producer.close()
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        return results
+
+    def trained_models(self) -> dict[str, TrainedModel]:
+        try:
+            models = load_manifest(self.models_dir)
+        except (OSError, ValueError, KeyError):
+            models = []
+        if len(models) < len(FORMATS):
+            log.info("training the demo models into %s", self.models_dir)
+            models = train_all(self.models_dir)
+        return {ModelType.Name(m.model_type): m for m in models}
+
+    def setting_summary(self) -> dict:
+        keys = ("batch_max_size", "batch_max_wait_ms", "python_execution_mode", "bundle_size",
+                "bundle_time_ms", "operator_chaining", "parallelism", "checkpoint_interval_ms",
+                "delivery_guarantee")
+        return {k: getattr(self.settings, k) for k in keys}
+
+    # -- one system -------------------------------------------------------------------------
+
+    def measure_system(self, name: str, overrides: dict | None = None, label: str = "",
+                       formats=None, switches: bool = True, runs: int | None = None):
+        formats = formats or (self.formats if name != "pass-through" else (FORMATS[0],))
+        system = System(name, self, overrides, label)
+        log.info("== %s: starting", label or name)
+        entries, switch_entries = [], []
+        try:
+            system.start()
+            self.publish_models(system, formats)
+            for model_type in formats:
+                self.warm_up(system, model_type)
+            for model_type in formats:
+                entry = self.measure(system, model_type, runs or self.plan.runs)
+                if name == "pass-through":
+                    entry["model_type"] = PASS_THROUGH_TYPE
+                entries.append(entry)
+                if switches and name in ("keyed", "broadcast"):
+                    switch_entries.append(self.model_switch(system, model_type))
+        except Exception as exc:
+            log.exception("%s failed: %s", label or name, exc)
+            entries.append({"system": name, "model_type": "?", "throughput_rps": None,
+                            "p50_ms": None, "p95_ms": None, "p99_ms": None,
+                            "note": f"failed: {exc}"})
+        finally:
+            system.stop()
+        return entries, switch_entries
+
+    def publish_models(self, system: System, formats, version: int = 1) -> None:
+        for model_type in formats:
+            descriptor = descriptor_for(self.models[model_type], data_type=data_type_of(model_type))
+            descriptor.version = str(version)
+            publish_model(self.producer, system.models_topic, descriptor)
+
+    def next_trial(self, what: str) -> str:
+        self.trial_counter += 1
+        return f"t{self.trial_counter}{what}"
+
+    def trial(self, system: System, model_type: str, count: int, rate: float) -> workload.Trial:
+        template = RecordTemplate(data_type_of(model_type), self.rows)
+        sent = produce(self.producer, system.data_topic, template, self.next_trial(model_type[:2]),
+                       max(count, 40), rate)
+        timeout = max(5.0, self.plan.trial_s)
+        return wait_for_trial(system.collector, sent, timeout)
+
+    def warm_up(self, system: System, model_type: str) -> None:
+        """Until a trial comes back whole: model loaded, Python workers and JIT warm."""
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            trial = self.trial(system, model_type, 300, 300)
+            if trial.complete:
+                return
+            log.info("%s %s: warming up (%d/%d results)", system.name, model_type,
+                     trial.received, trial.sent.count)
+        raise RuntimeError(f"{system.name} returned no complete trial for {model_type} in 240 s")
+
+    def measure(self, system: System, model_type: str, runs: int) -> dict:
+        plan = self.plan
+        probe = self.trial(system, model_type, 1000, 0)
+        capacity = probe.throughput() or 500.0
+        probe = self.trial(system, model_type, int(capacity * plan.probe_s), 0)
+        capacity = max(capacity, probe.throughput() or 0)
+        producer_bound = probe.sent.achieved_rate < 1.2 * capacity
+        per_run = []
+        for _ in range(runs):
+            rate, sustained = 0.9 * capacity, None
+            for _ in range(5):
+                trial = self.trial(system, model_type, int(rate * plan.trial_s), rate)
+                output = trial.throughput()
+                if trial.complete and output and output >= 0.85 * rate and not trial.latency_grows():
+                    sustained = output
+                    break
+                rate *= 0.75
+            half = self.trial(system, model_type, int(rate / 2 * plan.trial_s), rate / 2)
+            per_run.append({"throughput_rps": sustained, "rate_rps": rate,
+                            "p50_ms": half.percentile(50), "p95_ms": half.percentile(95),
+                            "p99_ms": half.percentile(99), "complete": half.complete})
+        entry = {"system": system.name, "model_type": model_type,
+                 "throughput_rps": median(r["throughput_rps"] for r in per_run),
+                 "p50_ms": median(r["p50_ms"] for r in per_run),
+                 "p95_ms": median(r["p95_ms"] for r in per_run),
+                 "p99_ms": median(r["p99_ms"] for r in per_run),
+                 "latency_rate_rps": (median(r["rate_rps"] for r in per_run) or 0) / 2,
+                 "probe_rps": capacity, "runs": per_run,
+                 "limited_by": "producer" if producer_bound else None, "note": ""}
+        log.info("%s %s: %s rec/s, p50/p95/p99 %s/%s/%s ms", system.name, model_type,
+                 _fmt(entry["throughput_rps"]), _fmt(entry["p50_ms"]), _fmt(entry["p95_ms"]),
+                 _fmt(entry["p99_ms"]))
+        return entry
+
+    def model_switch(self, system: System, model_type: str) -> dict:
+        """Publish versions 2, 3, ... while records flow; time to the first result of each."""
+        data_type = data_type_of(model_type)
+        template = RecordTemplate(data_type, self.rows)
+        stop = threading.Event()
+        trial = self.next_trial("sw")
+
+        def flow():
+            producer = new_producer(self.bootstrap)
+            i = 0
+            while not stop.is_set():
+                produce(producer, system.data_topic, template, f"{trial}x{i}", 20, self.plan.switch_rate)
+                i += 1
+            producer.close()
+
+        feeder = threading.Thread(target=flow, daemon=True)
+        feeder.start()
+        time.sleep(1.0)
+        times = []
+        try:
+            for n in range(self.plan.switches):
+                version = str(1000 * self.trial_counter + n + 2)
+                descriptor = descriptor_for(self.models[model_type], data_type=data_type)
+                descriptor.version = version
+                system.collector.take()
+                published = time.time() * 1000
+                descriptor.publishedMs = int(published)
+                publish_model(self.producer, system.models_topic, descriptor)
+                times.append(self.first_result_of(system, data_type, version, published))
+        finally:
+            stop.set()
+            feeder.join(10)
+        log.info("%s %s: model switch %s ms", system.name, model_type, times)
+        return {"system": system.name, "model_type": model_type,
+                "model_switch_ms": median(times), "runs_ms": times}
+
+    @staticmethod
+    def first_result_of(system: System, data_type: str, version: str, published_ms: float,
+                        timeout_s: float = 60) -> float | None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            firsts = [appended for appended, raw in system.collector.take()
+                      for result in [ServingResult.FromString(raw)]
+                      if result.dataType == data_type and result.modelVersion == version]
+            if firsts:
+                return float(min(firsts) - published_ms)
+            time.sleep(0.02)
+        return None
+
+    # -- the ceiling -----------------------------------------------------------------------
+
+    def in_process(self, model_type: str) -> dict:
+        """Parse, score and serialize in this process in batches of 512: no Kafka, no Flink."""
+        from udfs.serving import ModelServer
+
+        server = ModelServer(model_dirs=[self.models_dir], max_model_bytes=1 << 30,
+                             data_topic="-", models_topic="-")
+        model = server.build(descriptor_for(self.models[model_type],
+                                            data_type=data_type_of(model_type)).SerializeToString())
+        template = RecordTemplate(data_type_of(model_type), self.rows)
+        raws = [template.encode(i, f"r{i}", 0) for i in range(20_000 if not self.plan.quick else 8_000)]
+        server.serve(raws[:512], model)  # warm-up
+        rates = []
+        for _ in range(self.plan.runs):
+            started = time.perf_counter()
+            for start in range(0, len(raws), 512):
+                server.serve(raws[start:start + 512], model)
+            rates.append(len(raws) / (time.perf_counter() - started))
+        server.close()
+        log.info("in-process %s: %s rec/s", model_type, _fmt(median(rates)))
+        return {"system": "in-process", "model_type": model_type, "throughput_rps": median(rates),
+                "p50_ms": None, "p95_ms": None, "p99_ms": None, "runs": [{"throughput_rps": r} for r in rates],
+                "limited_by": None, "note": "batches of 512, no Kafka"}
+
+    # -- tuning ----------------------------------------------------------------------------
+
+    def experiments(self, baseline_entries) -> list[dict]:
+        rows = []
+        for experiment in EXPERIMENTS:
+            label = f"x-{experiment.setting}-{experiment.value}".replace("_", "-")
+            entries, _ = self.measure_system("keyed", {experiment.setting: experiment.value}, label,
+                                             formats=("ONNX",), switches=False, runs=1)
+            for entry in entries:
+                rows.append({"setting": experiment.setting, "value": experiment.value,
+                             "system": "keyed", "model_type": entry["model_type"],
+                             "throughput_rps": entry["throughput_rps"], "p50_ms": entry["p50_ms"],
+                             "p99_ms": entry["p99_ms"], "note": entry.get("note") or experiment.note})
+        return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def run_bench(out_dir: Path, work_dir: Path, quick: bool, settings: Settings, systems=SYSTEMS,
+              formats=FORMATS, experiments: bool = False) -> dict:
+    from bench.report import write_report
+
+    plan = Plan.quick_plan() if quick else Plan()
+    results = Bench(out_dir, work_dir, plan, settings, systems, formats, experiments).run()
+    paths = write_report(results, Path(out_dir))
+    for kind, path in paths.items():
+        log.info("wrote %s: %s", kind, path)
+    return results
