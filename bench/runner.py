@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs.settings import Settings
-from modelserving.client import demo_rows, publish_model
+from modelserving.client import demo_rows
 from modelserving.kafka_admin import ensure_topics
 from modelserving.kafka_local import LocalKafka, free_ports
 from modelserving.local_job import PROJECT_ROOT, JobProcess
@@ -72,6 +72,7 @@ EXPERIMENTS = (
     Experiment("bundle_time_ms", 100, "bundles closed after 100 ms instead of 20 ms"),
     Experiment("bundle_time_ms", 1000, "PyFlink's default bundle time (1 s)"),
     Experiment("bundle_size", 100, "bundles of at most 100 records instead of 1000"),
+    Experiment("buffer_timeout_ms", 100, "Flink's default network buffer timeout"),
     Experiment("operator_chaining", "off", "every operator its own task: records serialized "
                "between each"),
 )
@@ -139,9 +140,10 @@ class System:
         if not self.collector.ready.wait(30):
             raise RuntimeError(f"no assignment for {self.results_topic}")
         if self.name == "plain-loop":
-            self.process = PlainLoopProcess(self, self.log_path).start()
+            self.process = PlainLoopProcess(self, self.log_path)
         else:
-            self.process = JobProcess(JOB_SYSTEMS[self.name], self.job_settings(), self.log_path).start()
+            self.process = JobProcess(JOB_SYSTEMS[self.name], self.job_settings(), self.log_path)
+        self.process.start()  # assigned first, so stop() ends a process that never got ready
 
     def job_settings(self) -> Settings:
         return self.bench.settings.replace(
@@ -175,6 +177,8 @@ class PlainLoopProcess:
         return self
 
     def stop(self) -> None:
+        if getattr(self, "popen", None) is None:
+            return
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
@@ -224,7 +228,8 @@ class Bench:
                 results["model_switch"] += switches
             if self.with_experiments:
                 results["experiments"] = self.experiments(results["results"])
-            self.producer.close()
+            self.producer.flush(30)
+            self.producer = None  # librdkafka disconnects now, before the broker stops
         results["elapsed_s"] = round(time.monotonic() - started, 1)
         return results
 
@@ -240,7 +245,7 @@ class Bench:
 
     def setting_summary(self) -> dict:
         keys = ("batch_max_size", "batch_max_wait_ms", "python_execution_mode", "bundle_size",
-                "bundle_time_ms", "operator_chaining", "parallelism", "checkpoint_interval_ms",
+                "bundle_time_ms", "buffer_timeout_ms", "operator_chaining", "parallelism", "checkpoint_interval_ms",
                 "delivery_guarantee")
         return {k: getattr(self.settings, k) for k in keys}
 
@@ -277,7 +282,13 @@ class Bench:
         for model_type in formats:
             descriptor = descriptor_for(self.models[model_type], data_type=data_type_of(model_type))
             descriptor.version = str(version)
-            publish_model(self.producer, system.models_topic, descriptor)
+            self.send_model(system, descriptor)
+
+    def send_model(self, system: System, descriptor) -> None:
+        descriptor.publishedMs = descriptor.publishedMs or int(time.time() * 1000)
+        self.producer.produce(system.models_topic, key=descriptor.dataType.encode(),
+                              value=descriptor.SerializeToString())
+        self.producer.flush(30)
 
     def next_trial(self, what: str) -> str:
         self.trial_counter += 1
@@ -348,7 +359,7 @@ class Bench:
             while not stop.is_set():
                 produce(producer, system.data_topic, template, f"{trial}x{i}", 20, self.plan.switch_rate)
                 i += 1
-            producer.close()
+            producer.flush(10)
 
         feeder = threading.Thread(target=flow, daemon=True)
         feeder.start()
@@ -362,7 +373,7 @@ class Bench:
                 system.collector.take()
                 published = time.time() * 1000
                 descriptor.publishedMs = int(published)
-                publish_model(self.producer, system.models_topic, descriptor)
+                self.send_model(system, descriptor)
                 times.append(self.first_result_of(system, data_type, version, published))
         finally:
             stop.set()

@@ -49,6 +49,7 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
     for key, value in (extra or {}).items():
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_buffer_timeout(settings.buffer_timeout_ms)
     if settings.operator_chaining == "off":
         env.disable_operator_chaining()
     if settings.parallelism > 0:

@@ -72,6 +72,9 @@ class Settings:
         1000, "process mode: most records in one bundle sent to the Python worker")
     bundle_time_ms: int = _setting(
         20, "process mode: longest a bundle stays open; bounds the latency a bundle adds")
+    buffer_timeout_ms: int = _setting(
+        10, "longest a record waits in a network buffer between tasks before it is sent "
+        "(Flink's default is 100 ms, which a keyed job's shuffle adds to its latency)")
     operator_chaining: str = _setting(
         "on", "chain operators (on) or run each in its own task (off, for inspection only)",
         choices=("on", "off"))

@@ -31,7 +31,8 @@ class JobProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 240) -> "JobProcess":
-        env = {**os.environ, **self.settings.to_environ(), "PYTHONPATH": str(PROJECT_ROOT),
+        env = {**os.environ, **self.settings.to_environ(),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                "FLINK_LOG_DIR": str(self.log_path.parent / "flink-log")}
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=PROJECT_ROOT,

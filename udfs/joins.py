@@ -51,6 +51,15 @@ PENDING_RECORDS = "pending-records"
 END_OF_INPUT = 2 ** 62
 
 
+def subtask_index(runtime_context: RuntimeContext) -> int:
+    try:
+        return runtime_context.get_index_of_this_subtask()
+    except AttributeError:
+        # PyFlink 2.2 in thread mode asks the Java RuntimeContext for getIndexOfThisSubtask,
+        # which Flink 2 moved to its TaskInfo
+        return runtime_context._runtime_context.getTaskInfo().getIndexOfThisSubtask()
+
+
 def keyed_record(raw: bytes) -> tuple[str, bytes]:
     """(data type, raw bytes) of a record; "" for records that do not parse (they dead-letter later)."""
     return record_data_type(raw), raw
@@ -172,7 +181,7 @@ class ServingJoin:
 
     def open_serving(self, runtime_context: RuntimeContext) -> None:
         log.setLevel(self.settings.log_level)  # the worker's root logger forwards to Flink's log
-        self.subtask = runtime_context.get_index_of_this_subtask()
+        self.subtask = subtask_index(runtime_context)
         self.job = self.settings.job_name
         self.publisher = StatsPublisher(self.settings)
         self.stats = runtime_context.get_map_state(MapStateDescriptor(MODEL_STATS, Types.STRING(), BYTES))
