@@ -67,8 +67,9 @@ class Experiment:
 
 #: Tuning choices measured against the defaults (keyed job, ONNX), for the results page.
 EXPERIMENTS = (
+    Experiment("local_python_workers", "loopback", "PyFlink's local default: Python functions "
+               "run as threads of the launching process, one interpreter lock for all"),
     Experiment("batch_max_size", 1, "no micro-batching: one model call per record"),
-    Experiment("python_execution_mode", "thread", "Python embedded in the TaskManager JVM"),
     Experiment("bundle_time_ms", 100, "bundles closed after 100 ms instead of 20 ms"),
     Experiment("bundle_time_ms", 1000, "PyFlink's default bundle time (1 s)"),
     Experiment("bundle_size", 100, "bundles of at most 100 records instead of 1000"),
@@ -190,8 +191,11 @@ class PlainLoopProcess:
 
 class Bench:
     def __init__(self, out_dir: Path, work_dir: Path, plan: Plan, settings: Settings,
-                 systems=SYSTEMS, formats=FORMATS, experiments: bool = False):
+                 systems=SYSTEMS, formats=FORMATS, experiments: bool = False,
+                 profile: tuple[str, ...] = ()):
         self.out_dir, self.work_dir, self.plan = Path(out_dir), Path(work_dir), plan
+        self.profile_formats = profile
+        self.profiles: list[dict] = []
         self.settings = settings
         self.systems, self.formats, self.with_experiments = systems, formats, experiments
         self.run_id = "bench-" + time.strftime("%H%M%S")
@@ -230,6 +234,7 @@ class Bench:
                 results["experiments"] = self.experiments(results["results"])
             self.producer.flush(30)
             self.producer = None  # librdkafka disconnects now, before the broker stops
+        results["profiles"] = self.profiles
         results["elapsed_s"] = round(time.monotonic() - started, 1)
         return results
 
@@ -244,7 +249,8 @@ class Bench:
         return {ModelType.Name(m.model_type): m for m in models}
 
     def setting_summary(self) -> dict:
-        keys = ("batch_max_size", "batch_max_wait_ms", "python_execution_mode", "bundle_size",
+        keys = ("batch_max_size", "batch_max_wait_ms", "python_execution_mode",
+                "local_python_workers", "bundle_size",
                 "bundle_time_ms", "buffer_timeout_ms", "operator_chaining", "parallelism", "checkpoint_interval_ms",
                 "delivery_guarantee")
         return {k: getattr(self.settings, k) for k in keys}
@@ -320,10 +326,17 @@ class Bench:
         capacity = max(capacity, probe.throughput() or 0)
         producer_bound = probe.sent.achieved_rate < 1.2 * capacity
         per_run = []
-        for _ in range(runs):
+        for run in range(runs):
             rate, sustained = 0.9 * capacity, None
-            for _ in range(5):
+            for attempt in range(5):
+                sampler = None
+                if run == 0 and attempt == 0 and model_type in self.profile_formats:
+                    sampler = self.sampler(system, model_type)
                 trial = self.trial(system, model_type, int(rate * plan.trial_s), rate)
+                if sampler is not None:
+                    for summary in sampler.finish():
+                        self.profiles.append({"system": system.name, "model_type": model_type,
+                                              "rate_rps": rate, **summary})
                 output = trial.throughput()
                 if trial.complete and output and output >= 0.85 * rate and not trial.latency_grows():
                     sustained = output
@@ -345,6 +358,17 @@ class Bench:
                  _fmt(entry["throughput_rps"]), _fmt(entry["p50_ms"]), _fmt(entry["p95_ms"]),
                  _fmt(entry["p99_ms"]))
         return entry
+
+    def sampler(self, system: System, model_type: str):
+        from bench import profiling
+
+        if isinstance(system.process, PlainLoopProcess):
+            pids = [system.process.popen.pid]
+        else:
+            pids = profiling.python_workers(system.process.process.pid)
+        seconds = max(2, int(self.plan.trial_s) - 1)
+        return profiling.Sampler(pids, seconds, self.out_dir / "profiles",
+                                 f"{system.name}-{model_type.lower()}")
 
     def model_switch(self, system: System, model_type: str) -> dict:
         """Publish versions 2, 3, ... while records flow; time to the first result of each."""
@@ -441,11 +465,12 @@ def _fmt(value) -> str:
 
 
 def run_bench(out_dir: Path, work_dir: Path, quick: bool, settings: Settings, systems=SYSTEMS,
-              formats=FORMATS, experiments: bool = False) -> dict:
+              formats=FORMATS, experiments: bool = False, profile: tuple[str, ...] = ()) -> dict:
     from bench.report import write_report
 
     plan = Plan.quick_plan() if quick else Plan()
-    results = Bench(out_dir, work_dir, plan, settings, systems, formats, experiments).run()
+    results = Bench(out_dir, work_dir, plan, settings, systems, formats, experiments,
+                    profile).run()
     paths = write_report(results, Path(out_dir))
     for kind, path in paths.items():
         log.info("wrote %s: %s", kind, path)

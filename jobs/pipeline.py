@@ -7,6 +7,7 @@ collections instead.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,8 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
                        with_connector: bool = True) -> StreamExecutionEnvironment:
     """The execution environment: local (with web UI on ``rest_port``) or the cluster a
     ``flink run`` submitted to."""
+    # PyFlink reads this variable when the job starts; a cluster always uses worker processes
+    os.environ["_python_worker_execution_mode"] = settings.local_python_workers
     conf = Configuration()
     conf.set_string("python.executable", settings.python_executable)
     conf.set_string("python.client.executable", settings.python_executable)

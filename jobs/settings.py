@@ -68,6 +68,11 @@ class Settings:
         "process", "where the Python functions run: process (a Python worker beside the JVM, "
         "records cross in bundles) or thread (embedded in the TaskManager JVM)",
         choices=PYTHON_EXECUTION_MODES)
+    local_python_workers: str = _setting(
+        "process", "local (embedded) Flink only: run the Python functions in worker processes "
+        "of their own (process), as a cluster does, or as threads of the launching Python "
+        "process (loopback, PyFlink's local default: every parallel instance then shares one "
+        "interpreter lock)", choices=("process", "loopback"))
     bundle_size: int = _setting(
         1000, "process mode: most records in one bundle sent to the Python worker")
     bundle_time_ms: int = _setting(

@@ -50,7 +50,7 @@ def cmd_bench(args) -> int:
         settings = settings.replace(parallelism=2)  # one per core here; fixed, to compare runs
     results = run_bench(args.out, VAR_DIR / "bench" / "work", args.quick, settings,
                         subset(args.systems, BENCH_SYSTEMS), subset(args.formats, BENCH_FORMATS),
-                        args.experiments)
+                        args.experiments, subset(args.profile, BENCH_FORMATS))
     print(f"{len(results['results'])} results in {results['elapsed_s']} s; see {args.out}/results.md")
     return 0
 
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--experiments", action="store_true",
                        help="also measure each tuning choice (execution mode, bundles, batching, "
                        "chaining) on the keyed job")
+    bench.add_argument("--profile", default="",
+                       help="comma-separated model formats whose first sustain trial is profiled "
+                       "with py-spy (every system's Python workers)")
     bench.set_defaults(func=cmd_bench, takes_settings=True)
 
     from modelserving import cluster_cli, state_service
