@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ EXPERIMENTS = (
     Experiment("bundle_time_ms", 1000, "PyFlink's default bundle time (1 s)"),
     Experiment("bundle_size", 100, "bundles of at most 100 records instead of 1000"),
     Experiment("buffer_timeout_ms", 100, "Flink's default network buffer timeout"),
+    Experiment("object_reuse", "off", "records copied between chained operators"),
     Experiment("operator_chaining", "off", "every operator its own task: records serialized "
                "between each"),
 )
@@ -251,7 +253,7 @@ class Bench:
     def setting_summary(self) -> dict:
         keys = ("batch_max_size", "batch_max_wait_ms", "python_execution_mode",
                 "local_python_workers", "bundle_size",
-                "bundle_time_ms", "buffer_timeout_ms", "operator_chaining", "parallelism", "checkpoint_interval_ms",
+                "bundle_time_ms", "buffer_timeout_ms", "object_reuse", "operator_chaining", "parallelism", "checkpoint_interval_ms",
                 "delivery_guarantee")
         return {k: getattr(self.settings, k) for k in keys}
 
@@ -469,6 +471,8 @@ def run_bench(out_dir: Path, work_dir: Path, quick: bool, settings: Settings, sy
     from bench.report import write_report
 
     plan = Plan.quick_plan() if quick else Plan()
+    # a terminated benchmark still stops the jobs and the broker it started (finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = Bench(out_dir, work_dir, plan, settings, systems, formats, experiments,
                     profile).run()
     paths = write_report(results, Path(out_dir))

@@ -17,29 +17,15 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.joins import (
-    BYTES,
-    DEAD_LETTERS,
-    MODEL_DESCRIPTORS,
-    MODEL_IDS,
-    SPREAD_BYTES,
-    BroadcastServing,
-    spread_record,
-)
+from udfs.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing, spread_key
 
 JOB = "broadcast"
 
 
-def spreading_key(triple) -> int:
-    return triple[0]
-
-
 def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
     """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out."""
-    spread = data.map(partial(spread_record, spread=settings.spread_keys), output_type=SPREAD_BYTES) \
-        .name("spread records").uid("broadcast-spread-records")
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
-    results = spread.key_by(spreading_key, key_type=Types.INT()) \
+    results = data.key_by(partial(spread_key, spread=settings.spread_keys), key_type=Types.INT()) \
         .connect(broadcast_models) \
         .process(BroadcastServing(settings), output_type=BYTES) \
         .name("serve models (broadcast)").uid("broadcast-serving")

@@ -14,23 +14,20 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.joins import BYTES, DEAD_LETTERS, KEYED_BYTES, KeyedServing, keyed_model, keyed_record
+from udfs.joins import BYTES, DEAD_LETTERS, KeyedServing, model_data_type
+from udfs.records import record_data_type
 
 JOB = "keyed"
 
 
-def data_type_of(pair) -> str:
-    return pair[0]
-
-
 def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
-    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out."""
-    keyed_data = data.map(keyed_record, output_type=KEYED_BYTES) \
-        .name("record data type").uid("keyed-record-data-type")
-    keyed_models = models.map(keyed_model, output_type=KEYED_BYTES) \
-        .name("model data type").uid("keyed-model-data-type")
-    results = keyed_data.connect(keyed_models) \
-        .key_by(data_type_of, data_type_of, key_type=Types.STRING()) \
+    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
+
+    The key selectors read the data type straight from the bytes; the join gets the bytes
+    and the key, so a record crosses into Python once before the shuffle and once to be
+    scored, with nothing but its bytes in either crossing."""
+    results = data.connect(models) \
+        .key_by(record_data_type, model_data_type, key_type=Types.STRING()) \
         .process(KeyedServing(settings), output_type=BYTES) \
         .name("serve models (keyed by data type)").uid("keyed-serving")
     return results, results.get_side_output(DEAD_LETTERS)

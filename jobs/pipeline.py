@@ -53,6 +53,8 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_buffer_timeout(settings.buffer_timeout_ms)
+    if settings.object_reuse == "on":
+        env.get_config().enable_object_reuse()
     if settings.operator_chaining == "off":
         env.disable_operator_chaining()
     if settings.parallelism > 0:

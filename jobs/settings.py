@@ -80,6 +80,9 @@ class Settings:
     buffer_timeout_ms: int = _setting(
         10, "longest a record waits in a network buffer between tasks before it is sent "
         "(Flink's default is 100 ms, which a keyed job's shuffle adds to its latency)")
+    object_reuse: str = _setting(
+        "on", "hand records between chained operators without copying them (safe here: the "
+        "jobs never change a record after emitting it)", choices=("on", "off"))
     operator_chaining: str = _setting(
         "on", "chain operators (on) or run each in its own task (off, for inspection only)",
         choices=("on", "off"))

@@ -33,8 +33,6 @@ from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, ModelServer,
 log = logging.getLogger("modelserving")
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
-KEYED_BYTES = Types.TUPLE([Types.STRING(), BYTES])
-SPREAD_BYTES = Types.TUPLE([Types.INT(), Types.STRING(), BYTES])
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
 
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
@@ -60,23 +58,19 @@ def subtask_index(runtime_context: RuntimeContext) -> int:
         return runtime_context._runtime_context.getTaskInfo().getIndexOfThisSubtask()
 
 
-def keyed_record(raw: bytes) -> tuple[str, bytes]:
-    """(data type, raw bytes) of a record; "" for records that do not parse (they dead-letter later)."""
-    return record_data_type(raw), raw
-
-
-def keyed_model(raw: bytes) -> tuple[str, bytes]:
-    """(data type, raw bytes) of a model descriptor; "" when it does not parse."""
+def model_data_type(raw: bytes) -> str:
+    """Key of a model descriptor: its data type; "" when it does not parse (it is
+    dead-lettered by the join)."""
     try:
-        return parse_descriptor(raw).dataType, raw
+        return parse_descriptor(raw).dataType
     except ModelError:
-        return "", raw
+        return ""
 
 
-def spread_record(raw: bytes, spread: int) -> tuple[int, str, bytes]:
-    """(spreading key, data type, raw bytes): the key spreads records of one data type over
-    every parallel instance; a hash of the bytes keeps it stable across restarts."""
-    return zlib.crc32(raw) % spread, record_data_type(raw), raw
+def spread_key(raw: bytes, spread: int) -> int:
+    """Spreads the records of one data type over every parallel instance; a hash of the
+    bytes keeps a record's key stable across restarts."""
+    return zlib.crc32(raw) % spread
 
 
 class ServingMetrics:
@@ -196,7 +190,10 @@ class ServingJoin:
         self.batch_max_size = max(1, self.settings.batch_max_size)
         self.pending = (runtime_context.get_list_state(ListStateDescriptor(PENDING_RECORDS, BYTES))
                         if self.batch_max_size > 1 else None)
-        self._pending_counts: dict = {}   # key -> records added since the last flush (this worker)
+        # key -> the records in its list state: scoring a batch reads them from here, sparing a
+        # state read (a round trip to the JVM); a key's state is read once after (re)start
+        self._pending_copy: dict = {}
+        self._pending_read: set = set()
         self._flush_due: dict = {}        # key -> processing time of its registered flush timer
         self._end_timers: set = set()     # keys whose end-of-input timer is registered
 
@@ -218,18 +215,18 @@ class ServingJoin:
     def part_of(self, key) -> int:
         raise NotImplementedError
 
-    def on_record(self, ctx, key, data_type: str, raw: bytes):
+    def on_record(self, ctx, key, raw: bytes):
         """Score the record now (batching off), or add it to the key's pending batch, which is
         scored when it is full, when its wait is over, or before a model change (keyed)."""
         if self.pending is None:
-            yield from self.serve_batch(ctx, data_type, self.part_of(key), [raw])
+            yield from self.serve_batch(ctx, self.data_type_in(key, raw), self.part_of(key), [raw])
             return
+        batch = self._pending_records(key)
         self.pending.add(raw)
-        count = self._pending_counts.get(key, 0) + 1
-        if count >= self.batch_max_size:
+        batch.append(raw)
+        if len(batch) >= self.batch_max_size:
             yield from self.flush(ctx, key)
             return
-        self._pending_counts[key] = count
         if key not in self._flush_due:
             timers = ctx.timer_service()
             due = timers.current_processing_time() + self.settings.batch_max_wait_ms
@@ -243,10 +240,10 @@ class ServingJoin:
         """Score everything pending for ``key``: one batch per data type, in arrival order."""
         if self.pending is None:
             return
-        raws = list(self.pending.get() or ())
-        self._pending_counts.pop(key, None)
+        raws = self._pending_records(key)
         if not raws:
             return
+        self._pending_copy[key] = []
         self.pending.clear()
         by_type: dict[str, list[bytes]] = {}
         for raw in raws:
@@ -256,6 +253,12 @@ class ServingJoin:
             for start in range(0, len(batch), self.batch_max_size):
                 yield from self.serve_batch(ctx, data_type, part,
                                             batch[start:start + self.batch_max_size])
+
+    def _pending_records(self, key) -> list[bytes]:
+        if key not in self._pending_read:   # first use since (re)start: records restored?
+            self._pending_copy[key] = list(self.pending.get() or ())
+            self._pending_read.add(key)
+        return self._pending_copy.setdefault(key, [])
 
     def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]):
         """Yield the records' results, and dead letters on the side output; keep statistics."""
@@ -349,7 +352,7 @@ class ServingJoin:
 
 
 class KeyedServing(ServingJoin, KeyedCoProcessFunction):
-    """Input 1: (data type, record bytes); input 2: (data type, descriptor bytes)."""
+    """Input 1: record bytes, input 2: descriptor bytes, both keyed by data type."""
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
@@ -365,12 +368,11 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
     def part_of(self, key):
         return statistics.KEYED_PART
 
-    def process_element1(self, value, ctx):
-        data_type, raw = value
-        yield from self.on_record(ctx, data_type, data_type, raw)
+    def process_element1(self, raw, ctx):
+        yield from self.on_record(ctx, ctx.get_current_key(), raw)
 
-    def process_element2(self, value, ctx):
-        data_type, raw = value
+    def process_element2(self, raw, ctx):
+        data_type = ctx.get_current_key()
         # records that arrived before this model are scored by the model they arrived under
         yield from self.flush(ctx, data_type)
         model, dead_letter = self.accept_model(raw)
@@ -388,7 +390,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
 
 
 class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
-    """Input: (spreading key, data type, record bytes); broadcast input: descriptor bytes.
+    """Input: record bytes keyed by a spreading key; broadcast input: descriptor bytes.
 
     Every instance loads every model; only instance 0 reports a bad model, so one bad model
     makes one dead letter whatever the parallelism. A broadcast element has no current key,
@@ -410,9 +412,8 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
     def part_of(self, key):
         return key
 
-    def process_element(self, value, ctx):
-        part, data_type, raw = value
-        yield from self.on_record(ctx, part, data_type, raw)
+    def process_element(self, raw, ctx):
+        yield from self.on_record(ctx, ctx.get_current_key(), raw)
 
     def process_broadcast_element(self, raw, ctx):
         model, dead_letter = self.accept_model(raw, report=self.subtask == 0)
