@@ -42,6 +42,6 @@ setup(
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2"],
                     # modelserving bench: plots, and profiles of the Python worker
-                    "bench": ["matplotlib>=3.8", "py-spy>=0.3", "pyinstrument>=4"]},
+                    "bench": ["matplotlib>=3.8", "py-spy>=0.3", "confluent-kafka>=2.3"]},
     entry_points={"console_scripts": ["modelserving=modelserving.cli:main"]},
 )

@@ -3,7 +3,7 @@
 For each system (keyed job, broadcast job, plain loop, pass-through job) and model format:
 1. a probe: records as fast as the producer sends them; the output rate estimates capacity;
 2. per run (median of ``runs``): the highest rate, from 90% of the estimate down in steps of
-   25%, that the system sustains (all results back, output rate within 15% of the input
+   25%, that the system sustains (all results back, output rate within 10% of the input
    rate, latency not growing); then latency percentiles at half of that rate;
 3. per job and format, model-switch latency: a new version published while records flow,
    to the first result scored by it (the result's broker time minus the publish time).
@@ -12,6 +12,7 @@ In-process batched scoring of the same records, without Kafka, is the ceiling.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
 import platform
@@ -56,7 +57,7 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(runs=3, trial_s=2.5, probe_s=2.0, switches=3, quick=True)
+        return cls(runs=3, trial_s=3.0, probe_s=2.0, switches=3, quick=True)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,11 @@ class Bench:
     def run(self) -> dict:
         started = time.monotonic()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.work_dir / ".lock", "w")
+        try:  # two runs would share (and stop) one broker, and measure each other
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another benchmark is running in {self.work_dir}") from None
         self.models = self.trained_models()
         results = {"created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                    "quick": self.plan.quick, "runs": self.plan.runs, "machine": machine(),
@@ -323,9 +329,9 @@ class Bench:
     def measure(self, system: System, model_type: str, runs: int) -> dict:
         plan = self.plan
         probe = self.trial(system, model_type, 1000, 0)
-        capacity = probe.throughput() or 500.0
+        capacity = probe.output_rate() or 500.0
         probe = self.trial(system, model_type, int(capacity * plan.probe_s), 0)
-        capacity = max(capacity, probe.throughput() or 0)
+        capacity = max(capacity, probe.output_rate() or 0)
         producer_bound = probe.sent.achieved_rate < 1.2 * capacity
         per_run = []
         for run in range(runs):
@@ -339,8 +345,9 @@ class Bench:
                     for summary in sampler.finish():
                         self.profiles.append({"system": system.name, "model_type": model_type,
                                               "rate_rps": rate, **summary})
-                output = trial.throughput()
-                if trial.complete and output and output >= 0.85 * rate and not trial.latency_grows():
+                output = trial.output_rate()
+                if (trial.complete and output and output >= 0.9 * min(rate, trial.sent.achieved_rate)
+                        and not trial.latency_grows()):
                     sustained = output
                     break
                 rate *= 0.75

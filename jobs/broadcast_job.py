@@ -17,7 +17,15 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing, spread_key
+from udfs.joins import (
+    BYTES,
+    DEAD_LETTERS,
+    MODEL_DESCRIPTORS,
+    MODEL_IDS,
+    BroadcastServing,
+    balanced_spread_keys,
+    spread_key,
+)
 
 JOB = "broadcast"
 
@@ -25,7 +33,9 @@ JOB = "broadcast"
 def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
     """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out."""
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
-    results = data.key_by(partial(spread_key, spread=settings.spread_keys), key_type=Types.INT()) \
+    parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
+    keys = balanced_spread_keys(parallelism, settings.spread_keys)
+    results = data.key_by(partial(spread_key, keys=keys), key_type=Types.INT()) \
         .connect(broadcast_models) \
         .process(BroadcastServing(settings), output_type=BYTES) \
         .name("serve models (broadcast)").uid("broadcast-serving")

@@ -57,8 +57,8 @@ class Settings:
         16 * 1024 * 1024, "largest inline model: inline descriptors are kept in Flink state "
         "(checkpointed), so larger models must be sent by location")
     spread_keys: int = _setting(
-        128, "broadcast job: number of keys records are spread over (at least a few per "
-        "parallel instance, so every instance gets records)")
+        1, "broadcast job: spreading keys per parallel instance (chosen so Flink routes them "
+        "evenly); micro-batches are per key, so more keys mean smaller batches")
     batch_max_size: int = _setting(
         64, "micro-batching: score at most this many records of one model in one call; 1 scores "
         "each record on its own")

@@ -67,10 +67,47 @@ def model_data_type(raw: bytes) -> str:
         return ""
 
 
-def spread_key(raw: bytes, spread: int) -> int:
+def spread_key(raw: bytes, keys: tuple[int, ...]) -> int:
     """Spreads the records of one data type over every parallel instance; a hash of the
     bytes keeps a record's key stable across restarts."""
-    return zlib.crc32(raw) % spread
+    return keys[zlib.crc32(raw) % len(keys)]
+
+
+def _rotate_left(value: int, bits: int) -> int:
+    return ((value << bits) | (value >> (32 - bits))) & 0xFFFFFFFF
+
+
+def key_group_of(key: int, max_parallelism: int) -> int:
+    """Flink's key group of a PyFlink INT key: murmur3's mixing of the key's Java hashCode,
+    modulo the maximum parallelism. PyFlink keys by a one-field Row, whose hashCode is
+    key + 62; a job test checks the whole computation against Flink's own routing."""
+    h = (key + 62) & 0xFFFFFFFF
+    h = _rotate_left((h * 0xCC9E2D51) & 0xFFFFFFFF, 15)
+    h = _rotate_left((h * 0x1B873593) & 0xFFFFFFFF, 13)
+    h = (h * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h ^= 4
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    signed = h - (1 << 32) if h & 0x80000000 else h
+    positive = -signed if signed != -(1 << 31) else 0
+    return (signed if signed >= 0 else positive) % max_parallelism
+
+
+def balanced_spread_keys(parallelism: int, per_instance: int, max_parallelism: int = 128) -> tuple[int, ...]:
+    """Spreading keys that Flink routes evenly: ``per_instance`` keys for every parallel
+    instance. Few keys mean full micro-batches (a batch is per key); keys picked blindly
+    could leave an instance with none."""
+    wanted = {index: [] for index in range(parallelism)}
+    key = 0
+    while any(len(keys) < per_instance for keys in wanted.values()):
+        index = key_group_of(key, max_parallelism) * parallelism // max_parallelism
+        if len(wanted[index]) < per_instance:
+            wanted[index].append(key)
+        key += 1
+    return tuple(k for index in range(parallelism) for k in wanted[index])
 
 
 class ServingMetrics:
@@ -91,9 +128,14 @@ class ServingMetrics:
             self._per_type[data_type] = counters
         return counters
 
-    def count(self, outcome) -> None:
-        self.total.count(outcome)
-        self.for_type(outcome.data_type).count(outcome)
+    def count(self, outcomes) -> None:
+        """Count a batch's outcomes: one counter update per kind, not per record."""
+        kinds: dict[tuple[str, str], list] = {}
+        for outcome in outcomes:
+            kinds.setdefault((outcome.data_type, outcome.kind), []).append(outcome)
+        for (data_type, kind), same in kinds.items():
+            self.total.count(kind, same)
+            self.for_type(data_type).count(kind, same)
 
 
 class _Counters:
@@ -109,10 +151,10 @@ class _Counters:
             group.gauge("model_age_seconds",
                         lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1)
 
-    def count(self, outcome) -> None:
-        self._by_kind[outcome.kind].inc()
-        if outcome.kind == SCORED:
-            self.scoring_micros.update(int(outcome.micros))
+    def count(self, kind: str, outcomes) -> None:
+        self._by_kind[kind].inc(len(outcomes))
+        if kind == SCORED:  # a batch's records share its per-record scoring time
+            self.scoring_micros.update(int(outcomes[0].micros))
 
 
 def _numeric(version: str) -> int:
@@ -270,8 +312,8 @@ class ServingJoin:
             except ModelError as exc:
                 error = exc
         outcomes = self.server.serve(raws, model, error)
+        self.metrics.count(outcomes)
         for outcome in outcomes:
-            self.metrics.count(outcome)
             if outcome.is_dead_letter:
                 yield DEAD_LETTERS, outcome.payload
             else:

@@ -173,3 +173,32 @@ def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, 
     assert {ServingResult.FromString(r).status for r in single[0]} == {ServingResult.SCORED}
     assert len(single[1]) == 2
     assert batched == single
+
+
+def test_spreading_keys_reach_every_instance_evenly(settings):
+    """The broadcast job's spreading keys are chosen by Flink's key-group arithmetic
+    (reimplemented in udfs.joins); Flink itself must route them the way it says."""
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+
+    from jobs.pipeline import create_environment
+    from udfs.joins import balanced_spread_keys, key_group_of
+
+    class WhereAmI(KeyedProcessFunction):
+        def open(self, runtime_context):
+            self.subtask = runtime_context.get_index_of_this_subtask()
+
+        def process_element(self, value, ctx):
+            yield value, self.subtask
+
+    keys = list(range(64))
+    env = create_environment(settings, with_connector=False)
+    routed = env.from_collection(keys, type_info=Types.INT()) \
+        .key_by(lambda k: k, key_type=Types.INT()) \
+        .process(WhereAmI(), output_type=Types.TUPLE([Types.INT(), Types.INT()]))
+    with routed.execute_and_collect() as collected:
+        where = dict(collected)
+    assert where == {k: key_group_of(k, 128) * 2 // 128 for k in keys}
+    assert set(where.values()) == {0, 1}
+    spread = balanced_spread_keys(2, 2)
+    assert len(spread) == 4 and sorted(where[k] for k in spread if k in where) == [0, 0, 1, 1]
