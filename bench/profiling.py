@@ -116,8 +116,17 @@ def summarize(raw: str, top: int = 12) -> dict:
             "areas": {name: share(n) for name, n in areas.most_common()}}
 
 
+#: Innermost frames of a thread that waits (py-spy cannot always tell it is idle), or that
+#: runs in C without Python frames of its own (gRPC's polling threads).
+_WAITING = {"Condition.wait", "Event.wait", "Thread._wait_for_tstate_lock", "Thread.run",
+            "EpollSelector.select", "_run_channel_spin_thread.<locals>.channel_spin",
+            "_UnaryUnaryMultiCallable._blocking"}
+
+
 def _area(frames: list[tuple[str, str]]) -> str:
     """What a sample was doing, from its innermost recognisable frame."""
+    if frames[-1][0] in _WAITING:
+        return "waiting (idle threads, gRPC polling)"
     for function, file in reversed(frames):
         if file.startswith(("onnxruntime", "tensorflow", "pypmml", "py4j", "numpy")):
             return "model library (" + file.split("/", 1)[0] + ")"

@@ -264,6 +264,9 @@ def markdown(results: dict) -> str:
     experiments = [entry for entry in results.get("experiments") or [] if isinstance(entry, dict)]
     if experiments:
         lines += ["", *_experiments_section(experiments)]
+    profiles = [entry for entry in results.get("profiles") or [] if isinstance(entry, dict)]
+    if profiles:
+        lines += ["", *_profiles_section(profiles)]
     lines += ["", "## Plots", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
               "![model switch](model_switch.png)", ""]
     return "\n".join(lines)
@@ -342,6 +345,20 @@ def _experiments_section(experiments: list[dict]) -> list[str]:
             "One setting changed at a time from the settings above.", "",
             *_table(("setting", "value", "system", "model type", "throughput (records/s)", "p50 ms", "p99 ms",
                      "note"), rows, numeric=range(4, 7))]
+
+
+def _profiles_section(profiles: list[dict]) -> list[str]:
+    lines = ["## Profiles", "",
+             "py-spy samples (200/s, all threads) of each system's Python processes during its "
+             "first sustain trial: where the samples fell, and the functions most often on top "
+             "of the stack. Raw stacks are in `profiles/`.", ""]
+    for entry in profiles:
+        areas = ", ".join(f"{name} {share:.0f}%" for name, share in (entry.get("areas") or {}).items())
+        top = "; ".join(f"`{name}` {share:.0f}%" for name, share in (entry.get("self") or [])[:6])
+        lines.append(f"- **{entry.get('system')}** {entry.get('model_type')}, process {entry.get('pid')} "
+                     f"({entry.get('samples', 0)} samples at {_rate(entry.get('rate_rps'))} records/s): "
+                     f"{areas or DASH}. Top: {top or DASH}.")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

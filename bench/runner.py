@@ -57,7 +57,7 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(runs=3, trial_s=3.0, probe_s=2.0, switches=3, quick=True)
+        return cls(runs=3, trial_s=2.5, probe_s=2.0, switches=3, quick=True)
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,8 @@ class Bench:
                         and not trial.latency_grows()):
                     sustained = output
                     break
-                rate *= 0.75
+                # next try: a quarter less, or just under what came out, whichever is lower
+                rate = min(rate * 0.75, 0.95 * output) if output else rate * 0.75
             half = self.trial(system, model_type, int(rate / 2 * plan.trial_s), rate / 2)
             per_run.append({"throughput_rps": sustained, "rate_rps": rate,
                             "p50_ms": half.percentile(50), "p95_ms": half.percentile(95),
