@@ -338,7 +338,8 @@ class Bench:
             rate, sustained = 0.9 * capacity, None
             for attempt in range(5):
                 sampler = None
-                if run == 0 and attempt == 0 and model_type in self.profile_formats:
+                if (run == 0 and attempt == 0 and model_type in self.profile_formats
+                        and not system.overrides):  # profiles of the systems, not of experiments
                     sampler = self.sampler(system, model_type)
                 trial = self.trial(system, model_type, int(rate * plan.trial_s), rate)
                 if sampler is not None:
