@@ -186,24 +186,24 @@ def _missed_text(value: float, goal: float, unit: str, at_most: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 # Formatting
 
-def _rate(value) -> str:
+def _formatted(value, spec: str, suffix: str = "") -> str:
     number = _number(value)
-    return DASH if number is None else f"{number:,.0f}"
+    return DASH if number is None else f"{number:{spec}}{suffix}"
+
+
+def _rate(value) -> str:
+    return _formatted(value, ",.0f")
 
 
 def _ms(value) -> str:
-    number = _number(value)
-    return DASH if number is None else f"{number:,.1f}"
+    return _formatted(value, ",.1f")
 
 
-def _ms_whole(value) -> str:
-    number = _number(value)
-    return DASH if number is None else f"{number:,.0f}"
+_ms_whole = _rate
 
 
 def _times(value) -> str:
-    number = _number(value)
-    return DASH if number is None else f"{number:.2f}x"
+    return _formatted(value, ".2f", "x")
 
 
 def _cell(value) -> str:
