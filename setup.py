@@ -1,6 +1,7 @@
 """Packaging for the Flink model-serving jobs.
 
-Pins: only what must resolve together (GUIDE §2). ``requirements.lock`` freezes one
+Pins: only what must resolve together (apache-flink 2.2.1 with Beam's protobuf < 6, hence
+tensorflow-cpu 2.19 and onnx < 1.18). ``requirements.lock`` freezes one
 tested resolution for reproducible environments; ``./dev`` installs with it.
 """
 from setuptools import find_packages, setup
@@ -11,9 +12,9 @@ class BuildWithProtos(build_py):
     """Generate the protobuf modules before packaging, so they never live in git."""
 
     def run(self):
-        import protos  # noqa: F401 - importing generates stale modules
+        from protos.build import generate
 
-        protos.generate(force=True)
+        generate(force=True)
         super().run()
 
 
@@ -22,9 +23,10 @@ setup(
     version="0.1.0",
     description="Serve ML models (TensorFlow, PMML, ONNX) on Kafka streams with Apache Flink",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["protos", "udfs", "udfs.*", "jobs", "jobs.*", "bench",
+    packages=find_packages(include=["protos", "udfs", "udfs.*", "jobs", "jobs.*",
                                     "modelserving", "modelserving.*"]),
-    package_data={"protos": ["*.proto"], "modelserving": ["*.json", "*.properties"]},
+    package_data={"protos": ["*.proto"], "modelserving.local": ["*.json"],
+                  "modelserving.state": ["*.html"]},
     cmdclass={"build_py": BuildWithProtos},
     install_requires=[
         "apache-flink==2.2.1",
@@ -39,9 +41,15 @@ setup(
         "skl2onnx>=1.16",
         "numpy",
         "werkzeug>=3.0,<4",
+        "psutil>=5.9",
+        "pyyaml>=6",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2"],
                     # modelserving bench: plots, and profiles of the Python worker
                     "bench": ["matplotlib>=3.8", "py-spy>=0.3", "confluent-kafka>=2.3"]},
-    entry_points={"console_scripts": ["modelserving=modelserving.cli:main"]},
+    entry_points={
+        "console_scripts": ["modelserving=modelserving.cli:main"],
+        # command groups of `modelserving` that live outside the CLI package register here
+        "modelserving.commands": ["bench=modelserving.bench.command:register"],
+    },
 )

@@ -17,7 +17,7 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.joins import (
+from udfs.flink.joins import (
     BYTES,
     DEAD_LETTERS,
     MODEL_DESCRIPTORS,

@@ -14,7 +14,7 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.joins import BYTES, DEAD_LETTERS, KeyedServing, model_data_type
+from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing, model_data_type
 from udfs.records import record_data_type
 
 JOB = "keyed"

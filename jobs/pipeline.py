@@ -23,12 +23,11 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 
+from jobs.kafka_config import java_properties
 from jobs.settings import Settings
 
 log = logging.getLogger("modelserving")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FLINK_CONF_DIR = PROJECT_ROOT / "flink-conf"
 #: Kafka's broker default transaction.max.timeout.ms; the connector's own default (1 h) is
 #: refused by brokers left at their defaults.
 TRANSACTION_TIMEOUT_MS = "900000"
@@ -76,17 +75,13 @@ def python_tuning(settings: Settings) -> dict[str, str]:
 
 
 def connector_jar(settings: Settings) -> Path | None:
-    if settings.connector_jar:
-        return Path(settings.connector_jar).resolve()
-    try:
-        from modelserving.jars import connector_jar as fetched
-    except ImportError:  # job files shipped without the CLI package: rely on -j / pipeline.jars
+    """The connector jar to add to the job; None when it is on Flink's classpath already
+    (a cluster's ``lib/``, or ``flink run --jarfile``). The tooling always passes the jar it
+    fetched."""
+    if not settings.connector_jar:
+        log.info("no connector_jar given: the Flink Kafka connector must be on Flink's classpath")
         return None
-    return fetched()
-
-
-def _client_properties(settings: Settings) -> dict[str, str]:
-    return settings.kafka_properties()
+    return Path(settings.connector_jar).resolve()
 
 
 def kafka_source(settings: Settings, topic: str, group_id: str,
@@ -99,7 +94,7 @@ def kafka_source(settings: Settings, topic: str, group_id: str,
                .set_value_only_deserializer(ByteArraySchema())
                .set_property("partition.discovery.interval.ms", "10000")
                .set_property("client.id.prefix", group_id))
-    for key, value in _client_properties(settings).items():
+    for key, value in java_properties(settings).items():
         builder.set_property(key, value)
     return builder.build()
 
@@ -119,7 +114,7 @@ def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
                .set_property("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS))
     if guarantee == DeliveryGuarantee.EXACTLY_ONCE:
         builder.set_transactional_id_prefix(f"{settings.transactional_id_prefix}-{purpose}")
-    for key, value in _client_properties(settings).items():
+    for key, value in java_properties(settings).items():
         builder.set_property(key, value)
     return builder.build()
 

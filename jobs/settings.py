@@ -21,6 +21,17 @@ STARTING_OFFSETS = ("earliest", "latest", "committed")
 PYTHON_EXECUTION_MODES = ("process", "thread")
 
 
+class SettingsError(ValueError):
+    """A setting that cannot be right; the message names it."""
+
+
+class _SettingsParser(argparse.ArgumentParser):
+    """Bad options are a ``SettingsError`` like bad variables, not an exit of argparse's own."""
+
+    def error(self, message):
+        raise SettingsError(message)
+
+
 def _setting(default, help_text: str, *, secret: bool = False, choices=None):
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
     return field(metadata={"help": help_text, "secret": secret, "choices": choices}, **kwargs)
@@ -98,9 +109,23 @@ class Settings:
         "INFO", "level of the job's own log lines: INFO says what a person needs (model loaded, "
         "replaced, rejected, job settings); DEBUG adds per-record detail",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    security_protocol: str = _setting(
+        "", "Kafka security protocol of every client (jobs, CLI, state service, benchmark): "
+        "PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL; empty: the properties file's, else PLAINTEXT",
+        choices=("", "PLAINTEXT", "SASL_PLAINTEXT", "SSL", "SASL_SSL"))
+    sasl_mechanism: str = _setting(
+        "", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+        choices=("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    sasl_username: str = _setting("", "SASL user name")
+    sasl_password: str = _setting(
+        "", "SASL password: give it in the environment (MODELSERVING_SASL_PASSWORD) or the "
+        "properties file, never on the command line", secret=True)
+    ssl_cafile: str = _setting("", "PEM file of the CA that signed the brokers' certificates")
     kafka_properties_file: str = _setting(
-        "", "Java properties file with extra Kafka client settings (security, SASL): secrets "
-        "belong here or in the environment, never on the command line", secret=True)
+        "", "Java properties file with Kafka client settings (security.protocol, sasl.mechanism, "
+        "sasl.jaas.config, ...): every client understands the security ones, the Flink connector "
+        "gets every key; secrets belong here or in the environment, never on the command line",
+        secret=True)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -117,8 +142,7 @@ class Settings:
             if raw is not None:
                 values[f.name] = _convert(f, raw)
         if argv is not None:
-            parser = cls.argument_parser(argparse.ArgumentParser(prog=prog, add_help=True)
-                                         if prog else None)
+            parser = cls.argument_parser(_SettingsParser(prog=prog, add_help=bool(prog)))
             parsed = parser.parse_args(list(argv))
             for f in fields(cls):
                 raw = getattr(parsed, f.name)
@@ -131,7 +155,7 @@ class Settings:
 
     @classmethod
     def argument_parser(cls, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-        parser = parser or argparse.ArgumentParser(add_help=False)
+        parser = parser or _SettingsParser(add_help=False)
         for f in fields(cls):
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                                 choices=f.metadata.get("choices"),
@@ -142,21 +166,21 @@ class Settings:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, "
+                raise SettingsError(f"{f.name} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
         if self.spread_keys <= 0:
-            raise ValueError("spread_keys must be positive")
+            raise SettingsError("spread_keys must be positive")
         if self.batch_max_size <= 0 or self.batch_max_wait_ms < 0:
-            raise ValueError("batch_max_size must be positive and batch_max_wait_ms not negative")
+            raise SettingsError("batch_max_size must be positive and batch_max_wait_ms not negative")
         if self.bundle_size <= 0 or self.bundle_time_ms <= 0:
-            raise ValueError("bundle_size and bundle_time_ms must be positive")
+            raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
-            raise ValueError("max_model_bytes and max_inline_model_bytes must be positive")
+            raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
                   self.state_topic]
         topics = [t for t in topics if t]
         if len(set(topics)) != len(topics):
-            raise ValueError(f"data, models, results, dead-letter and state topics must differ: {topics}")
+            raise SettingsError(f"data, models, results, dead-letter and state topics must differ: {topics}")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -168,18 +192,6 @@ class Settings:
         name = self.job_name or f"modelserving-{job}"
         return self.replace(job_name=name, group_id=self.group_id or name,
                             transactional_id_prefix=self.transactional_id_prefix or name)
-
-    def kafka_properties(self) -> dict[str, str]:
-        """Extra client properties from the properties file (``key=value`` lines)."""
-        if not self.kafka_properties_file:
-            return {}
-        props = {}
-        for line in Path(self.kafka_properties_file).read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith(("#", "!")) and "=" in line:
-                key, value = line.split("=", 1)
-                props[key.strip()] = value.strip()
-        return props
 
     def to_environ(self) -> dict[str, str]:
         """The settings as ``MODELSERVING_*`` variables, to hand to a job in another process."""
@@ -196,10 +208,30 @@ class Settings:
 
 
 def _convert(f: dataclasses.Field, raw):
-    if f.type in ("int", int):
-        return int(raw)
-    if f.type in ("tuple[str, ...]",):
-        if isinstance(raw, (list, tuple)):
-            return tuple(raw)
-        return tuple(part.strip() for part in str(raw).split(",") if part.strip())
-    return raw
+    """A setting's raw text (or argparse value) as the field's type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise SettingsError(f"not a yes/no value: {raw!r}")
+        if kind == "tuple[str, ...]":
+            if isinstance(raw, (list, tuple)):
+                return tuple(raw)
+            return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+        if kind == "str":
+            return str(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{f.name}: {exc}") from None
+    raise TypeError(f"setting {f.name} has a type settings cannot convert: {kind}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}

@@ -18,7 +18,7 @@ def tutorial_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory):
     """The project's own demo models, one per format, trained once per test session."""
-    from modelserving.training import train_all
+    from modelserving.demo.training import train_all
 
     out = tmp_path_factory.mktemp("models")
     return {model.model_type: model for model in train_all(out)}

@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, Scenario  # noqa: E402
 
 from jobs.settings import Settings  # noqa: E402
-from modelserving import client  # noqa: E402
-from modelserving.kafka_admin import ensure_topics  # noqa: E402
-from modelserving.kafka_local import free_port  # noqa: E402
+from modelserving.kafka import clients as client  # noqa: E402
+from modelserving.kafka.admin import ensure_topics  # noqa: E402
+from modelserving.local.kafka_broker import free_port  # noqa: E402
 
 JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
 
@@ -26,7 +26,7 @@ def kafka_broker(tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("java (17+) is not on PATH: the e2e tests need it to run the Kafka broker "
                     "(apt-get install openjdk-17-jre-headless)")
-    from modelserving.kafka_local import LocalKafka, free_ports
+    from modelserving.local.kafka_broker import LocalKafka, free_ports
 
     port, controller_port = free_ports(2)
     broker = LocalKafka(tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller_port,
@@ -77,7 +77,7 @@ def flink(tmp_path_factory):
     """A standalone cluster on free ports in a temporary directory, for the session."""
     if shutil.which("java") is None:
         pytest.skip("java (17+) is not on PATH: the standalone Flink cluster needs it")
-    from modelserving.flink_cluster import LocalFlinkCluster
+    from modelserving.local.flink_cluster import LocalFlinkCluster
 
     cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2)
     started = time.monotonic()

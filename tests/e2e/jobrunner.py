@@ -9,10 +9,10 @@ from typing import Callable
 import pytest
 
 from jobs.settings import Settings
-from modelserving import client
-from modelserving.client import Row, encode_record
-from modelserving.local_job import JobProcess  # noqa: F401  (the tests' name for it)
-from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from modelserving.kafka import clients as client
+from modelserving.kafka.clients import Row, encode_record
+from modelserving.local.job_process import JobProcess  # noqa: F401  (the tests' name for it)
+from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ServingResult
 
 MAX_MODEL_BYTES = 1_000_000
@@ -103,7 +103,7 @@ class Scenario:
 
     def publish_and_score(self, model, data_type: str, prefix: str, n: int) -> list[Row]:
         """Publish ``model`` for ``data_type``, wait until it serves, score ``n`` records."""
-        from modelserving.training import descriptor_for
+        from modelserving.demo.training import descriptor_for
 
         self.send_model(descriptor_for(model, data_type=data_type))
         self.wait_until_serving(model.name, data_type)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from browser import Browser, require_chromium, screenshot_path
-from modelserving.state_service import StateService
+from modelserving.state.service import StateService
 from protos import ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e

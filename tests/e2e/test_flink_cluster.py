@@ -15,9 +15,9 @@ import uuid
 import pytest
 
 from jobs.settings import Settings
-from modelserving import client
-from modelserving.kafka_admin import ensure_topics
-from modelserving.training import descriptor_for
+from modelserving.kafka import clients as client
+from modelserving.kafka.admin import ensure_topics
+from modelserving.demo.training import descriptor_for
 from protos import ModelType
 
 from jobrunner import Collector, Deployment, assert_scored_by

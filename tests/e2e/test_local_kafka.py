@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from modelserving.kafka_local import LocalKafka, free_ports
+from modelserving.local.kafka_broker import LocalKafka, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -133,7 +133,7 @@ def test_background_start_stop_and_restart_keeps_data(tmp_path):
     through the pid file, then a new broker on the same workdir still has the messages."""
     workdir = tmp_path / "kafka"
     port, controller_port = free_ports(2)
-    starter = ("import sys; from pathlib import Path; from modelserving.kafka_local import LocalKafka; "
+    starter = ("import sys; from pathlib import Path; from modelserving.local.kafka_broker import LocalKafka; "
                "LocalKafka(Path(sys.argv[1]), port=int(sys.argv[2]), controller_port=int(sys.argv[3]), "
                "heap='256m').start()")
     subprocess.run([sys.executable, "-c", starter, str(workdir), str(port), str(controller_port)],

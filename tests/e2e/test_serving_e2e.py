@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from modelserving.client import Row, encode_record
-from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from modelserving.kafka.clients import Row, encode_record
+from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
 from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, assert_scored_by

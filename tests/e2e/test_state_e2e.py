@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from modelserving.state_service import StateService
+from modelserving.state.service import StateService
 from protos import ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e

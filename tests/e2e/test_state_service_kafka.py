@@ -12,8 +12,8 @@ import uuid
 import pytest
 from kafka import KafkaProducer
 
-from modelserving.kafka_admin import ensure_topics
-from modelserving.state_service import StateService
+from modelserving.kafka.admin import ensure_topics
+from modelserving.state.service import StateService
 from protos import ModelStats, ModelType
 
 pytestmark = pytest.mark.e2e

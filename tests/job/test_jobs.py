@@ -8,8 +8,8 @@ import time
 import pytest
 
 from jobs.settings import Settings
-from modelserving.client import Row, demo_rows, encode_record
-from modelserving.training import DEMO_DATA_TYPE, descriptor_for
+from modelserving.kafka.clients import Row, demo_rows, encode_record
+from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 from udfs.models import load_request, parse_descriptor
 from udfs.records import to_batch
@@ -43,7 +43,7 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
 
     build_pipeline = importlib.import_module(f"jobs.{job}_job").build_pipeline
     from jobs.pipeline import create_environment
-    from udfs.joins import BYTES
+    from udfs.flink.joins import BYTES
 
     class DecodeMap(Decode, MapFunction):
         pass
@@ -177,12 +177,12 @@ def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, 
 
 def test_spreading_keys_reach_every_instance_evenly(settings):
     """The broadcast job's spreading keys are chosen by Flink's key-group arithmetic
-    (reimplemented in udfs.joins); Flink itself must route them the way it says."""
+    (reimplemented in udfs.flink.joins); Flink itself must route them the way it says."""
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
 
     from jobs.pipeline import create_environment
-    from udfs.joins import balanced_spread_keys, key_group_of
+    from udfs.flink.joins import balanced_spread_keys, key_group_of
 
     class WhereAmI(KeyedProcessFunction):
         def open(self, runtime_context):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import report
+from modelserving.bench import report
 
 
 def result(system: str, model_type: str, rate: float | None, p50=None, p95=None, p99=None, at_rate=None,

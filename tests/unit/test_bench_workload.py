@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profiling import summarize
-from bench.workload import RecordTemplate, Sent, Trial
+from modelserving.bench.profiling import summarize
+from modelserving.bench.workload import RecordTemplate, Sent, Trial
 from protos import DataRecord
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelserving import jars
+from modelserving.local import jars
 
 COORDS = re.compile(r"^[\w.\-]+:[\w.\-]+:(?:[\w.\-]+:[\w.\-]+:)?[\w.\-]+$")
 

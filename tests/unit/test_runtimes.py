@@ -72,7 +72,7 @@ def tf():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from modelserving.training import demo_dataset, train_all
+    from modelserving.demo.training import demo_dataset, train_all
 
     models = train_all(tmp_path_factory.mktemp("demo-models"))
     return demo_dataset(), {m.model_type: m for m in models}

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from modelserving.client import Row, encode_record
-from modelserving.training import DEMO_DATA_TYPE, demo_dataset, descriptor_for
+from modelserving.kafka.clients import Row, encode_record
+from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset, descriptor_for
 from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
 from udfs.errors import ModelError, ModelLoadError, ModelRejected, UnknownModelType
 from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, ModelServer, Withdrawal

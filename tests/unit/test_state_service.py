@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from modelserving.state_service import ModelStateView, StateService
+from modelserving.state.service import ModelStateView, StateService
 from protos import ModelStats, ModelType
 
 T0 = 1_700_000_000_000
@@ -324,7 +324,7 @@ def test_cli_hook_adds_state_serve():
 
 def test_feed_health_without_a_broker():
     """No broker listening: the service still answers, /health says why it is not ready."""
-    from modelserving.kafka_local import free_port
+    from modelserving.local.kafka_broker import free_port
 
     with StateService(f"127.0.0.1:{free_port()}", "model-state", port=0,
                       consumer_config={"bootstrap_timeout_ms": 300}) as service:

@@ -1,4 +1,4 @@
-"""Demo data, demo models, manifest and descriptors (modelserving.training, pmml_export)."""
+"""Demo data, demo models, manifest and descriptors (modelserving.demo.training, pmml_export)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from protos import ModelDescriptor, ModelType
-from modelserving import training
-from modelserving.pmml_export import fold_scaler, logistic_regression_pmml
-from modelserving.training import (DEMO_DATA_TYPE, TrainedModel, demo_dataset, descriptor_for,
+from modelserving.demo import training
+from modelserving.demo.pmml_export import fold_scaler, logistic_regression_pmml
+from modelserving.demo.training import (DEMO_DATA_TYPE, TrainedModel, demo_dataset, descriptor_for,
                                    load_manifest, train_all)
 from udfs.runtimes import load_model
 from udfs.runtimes.base import FeatureBatch, LoadRequest
@@ -167,7 +167,7 @@ def test_trained_model_type_name():
 
 
 def test_manifest_entry_describes_a_trained_file(tmp_path):
-    from modelserving.training import manifest_entry, train_all
+    from modelserving.demo.training import manifest_entry, train_all
 
     models = train_all(tmp_path)
     onnx = next(m for m in models if m.path.suffix == ".onnx")

@@ -1,6 +1,6 @@
 """Wire compatibility with the original tutorial, checked on hand-encoded protobuf bytes.
 
-The bytes are written field by field from GUIDE §5 (field numbers and enum values), not by
+The bytes are written field by field from the tutorial's message definitions (field numbers and enum values), not by
 our generated code, so a renumbered field in modelserving.proto fails here.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ def default_workdir() -> Path:
 
 
 def _cluster(args, for_start: bool = False):
-    from modelserving.flink_cluster import LocalFlinkCluster
+    from modelserving.local.flink_cluster import LocalFlinkCluster
 
     workdir = Path(args.workdir)
     if for_start:
@@ -96,7 +96,7 @@ def _check_settings(job: str, job_args: list[str]) -> bool:
 
 def _submit(args, job_args: list[str], savepoint: str | None = None,
             allow_non_restored: bool = False) -> int:
-    from modelserving.flink_cluster import FlinkClusterError
+    from modelserving.local.flink_cluster import FlinkClusterError
 
     module = _module(args.job)
     if not _check_settings(args.job, job_args):
@@ -120,7 +120,7 @@ def _submit(args, job_args: list[str], savepoint: str | None = None,
 
 
 def cmd_cluster(args) -> int:
-    from modelserving.flink_cluster import FlinkClusterError
+    from modelserving.local.flink_cluster import FlinkClusterError
 
     if args.action == "start":
         cluster = _cluster(args, for_start=True)
@@ -157,7 +157,7 @@ def cmd_cluster(args) -> int:
 
 
 def _jobs(cluster) -> list[dict]:
-    from modelserving.flink_cluster import FlinkClusterError
+    from modelserving.local.flink_cluster import FlinkClusterError
 
     try:
         return cluster.list_jobs()
@@ -199,7 +199,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_savepoint(args) -> int:
-    from modelserving.flink_cluster import FlinkClusterError
+    from modelserving.local.flink_cluster import FlinkClusterError
 
     cluster = _cluster(args)
     started = time.monotonic()
@@ -215,7 +215,7 @@ def cmd_savepoint(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from modelserving.flink_cluster import FlinkClusterError
+    from modelserving.local.flink_cluster import FlinkClusterError
 
     cluster = _cluster(args)
     try:

@@ -285,7 +285,7 @@ class LocalFlinkCluster:
             src = FLINK_HOME / "conf" / name
             if src.exists():
                 shutil.copyfile(src, self.conf_dir / name)
-        header = (f"# Written by modelserving.flink_cluster on every start from {self.conf_file}\n"
+        header = (f"# Written by modelserving.local.flink_cluster on every start from {self.conf_file}\n"
                   "# plus this instance's ports and directories; edits here are overwritten.\n")
         body = yaml.safe_dump(self.configuration(), sort_keys=False, default_flow_style=False,
                               width=1 << 16)
@@ -602,7 +602,7 @@ class LocalFlinkCluster:
         this checkout (the shipped copy of the packages cannot locate build/jars)."""
         env = {}
         if not os.environ.get("MODELSERVING_CONNECTOR_JAR"):
-            from modelserving.jars import connector_jar
+            from modelserving.local.jars import connector_jar
             env["MODELSERVING_CONNECTOR_JAR"] = str(connector_jar())
         return env
 

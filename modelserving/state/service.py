@@ -347,7 +347,7 @@ class KafkaStateFeed(threading.Thread):
     def _consumer(self):
         from kafka import KafkaConsumer
 
-        from modelserving.kafka_admin import MAX_MESSAGE_BYTES
+        from modelserving.kafka.admin import MAX_MESSAGE_BYTES
 
         config = dict(bootstrap_servers=self.bootstrap_servers, group_id=None,
                       auto_offset_reset="earliest", enable_auto_commit=False,

@@ -28,20 +28,20 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs.settings import Settings
-from modelserving.client import demo_rows
-from modelserving.kafka_admin import ensure_topics
-from modelserving.kafka_local import LocalKafka, free_ports
-from modelserving.local_job import PROJECT_ROOT, JobProcess
-from modelserving.training import TrainedModel, descriptor_for, load_manifest, train_all
+from modelserving.kafka.clients import demo_rows
+from modelserving.kafka.admin import ensure_topics
+from modelserving.local.kafka_broker import LocalKafka, free_ports
+from modelserving.local.job_process import PROJECT_ROOT, JobProcess
+from modelserving.demo.training import TrainedModel, descriptor_for, load_manifest, train_all
 from protos import ModelType, ServingResult
-from bench import workload
-from bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
+from modelserving.bench import workload
+from modelserving.bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
 
 log = logging.getLogger("bench")
 
 FORMATS = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
 JOB_SYSTEMS = {"keyed": "jobs.keyed_job", "broadcast": "jobs.broadcast_job",
-               "pass-through": "bench.passthrough_job"}
+               "pass-through": "modelserving.bench.passthrough_job"}
 SYSTEMS = ("keyed", "broadcast", "plain-loop", "pass-through", "in-process")
 PASS_THROUGH_TYPE = "NONE"
 
@@ -99,7 +99,7 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    from modelserving.jars import KAFKA_VERSION
+    from modelserving.local.jars import KAFKA_VERSION
 
     found = {"python": platform.python_version(), "kafka": KAFKA_VERSION}
     for package in ("apache-flink", "onnxruntime", "tensorflow-cpu", "pypmml", "kafka-python",
@@ -173,7 +173,7 @@ class PlainLoopProcess:
         s = self.system
         self.log = open(self.log_path, "w")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "bench.plain_loop", "--bootstrap", s.bench.bootstrap,
+            [sys.executable, "-m", "modelserving.bench.plain_loop", "--bootstrap", s.bench.bootstrap,
              "--data-topic", s.data_topic, "--models-topic", s.models_topic,
              "--results-topic", s.results_topic, "--model-dirs", str(s.bench.models_dir)],
             cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -371,7 +371,7 @@ class Bench:
         return entry
 
     def sampler(self, system: System, model_type: str):
-        from bench import profiling
+        from modelserving.bench import profiling
 
         if isinstance(system.process, PlainLoopProcess):
             pids = [system.process.popen.pid]
@@ -477,7 +477,7 @@ def _fmt(value) -> str:
 
 def run_bench(out_dir: Path, work_dir: Path, quick: bool, settings: Settings, systems=SYSTEMS,
               formats=FORMATS, experiments: bool = False, profile: tuple[str, ...] = ()) -> dict:
-    from bench.report import write_report
+    from modelserving.bench.report import write_report
 
     plan = Plan.quick_plan() if quick else Plan()
     # a terminated benchmark still stops the jobs and the broker it started (finally blocks)

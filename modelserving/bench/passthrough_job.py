@@ -2,7 +2,7 @@
 crossing per record, with parsing and serializing but no model. What Flink plus Kafka cost
 before any scoring; the benchmark's yardstick for the jobs.
 
-    python -m bench.passthrough_job --bootstrap-servers host:9092 --data-topic d --results-topic r
+    python -m modelserving.bench.passthrough_job --bootstrap-servers host:9092 --data-topic d --results-topic r
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jobs.pipeline import create_environment, data_offsets, kafka_sink, kafka_so
 from jobs.settings import Settings
 from protos import ServingResult
 from udfs.errors import RecordError
-from udfs.joins import BYTES
+from udfs.flink.joins import BYTES
 from udfs.records import parse_record
 from udfs.serving import now_ms
 
@@ -39,7 +39,7 @@ def build_pipeline(data, settings: Settings):
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_sources(sys.argv[1:] if argv is None else argv,
-                                     prog="python -m bench.passthrough_job").for_job(JOB)
+                                     prog="python -m modelserving.bench.passthrough_job").for_job(JOB)
     logging.basicConfig(level=settings.log_level)
     log.info("starting %s with settings %s", settings.job_name, settings.describe())
     env = create_environment(settings)

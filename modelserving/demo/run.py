@@ -20,7 +20,7 @@ import urllib.request
 from collections import Counter
 
 from jobs.settings import Settings
-from modelserving import client
+from modelserving.kafka import clients as client
 from modelserving.cli import VAR_DIR, create_topics
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
@@ -87,8 +87,8 @@ class Follower(client.OutputFollower):
 
 def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 9092,
              rate: float = 20.0, switch_every_s: float = 20.0) -> int:
-    from modelserving.kafka_local import LocalKafka, free_port
-    from modelserving.training import DEMO_DATA_TYPE, descriptor_for, load_manifest, train_all
+    from modelserving.local.kafka_broker import LocalKafka, free_port
+    from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for, load_manifest, train_all
 
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(DEMO_DIR / "kafka", ignore_errors=True)  # every demo starts from empty topics
@@ -127,7 +127,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
             f"(logs: {DEMO_DIR / 'job.log'}, {flink_logs})")
         follower = Follower(settings)
         follower.start()
-        from modelserving.state_service import StateService
+        from modelserving.state.service import StateService
         state_service = StateService(settings.bootstrap_servers, topic=settings.state_topic,
                                      port=5500 if port_is_free(5500) else 0).start()
         say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models)")
@@ -181,7 +181,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
 def show_dead_letters(kafka, settings: Settings) -> None:
     """One bad record and one bad model: both come back as dead letters, serving goes on."""
     kafka.send(settings.data_topic, value=b"\x08\x96\x01 not a record").get(10)
-    from modelserving.training import DEMO_DATA_TYPE
+    from modelserving.demo.training import DEMO_DATA_TYPE
 
     bad = ModelDescriptor(name="broken", version="0", dataType=DEMO_DATA_TYPE,
                           modeltype=ModelType.ONNX, data=b"these are not ONNX bytes")

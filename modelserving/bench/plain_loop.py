@@ -6,7 +6,7 @@ kafka-python producer. It uses the same model runtimes (onnxruntime, TensorFlow,
 as the jobs; what it lacks is everything Flink adds (state, checkpoints, parallelism,
 failure recovery, metrics).
 
-    python -m bench.plain_loop --bootstrap 127.0.0.1:9092 --data-topic d --models-topic m \
+    python -m modelserving.bench.plain_loop --bootstrap 127.0.0.1:9092 --data-topic d --models-topic m \
         --results-topic r --model-dirs var/models
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def install(models: dict, raw: bytes, model_dirs) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.plain_loop")
+    parser = argparse.ArgumentParser(prog="python -m modelserving.bench.plain_loop")
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--data-topic", required=True)
     parser.add_argument("--models-topic", required=True)

@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker (KRaft, combined broker + controller) on 127.0.0.1.
 
 Used by the demo, the CLI (``modelserving kafka start|stop``) and the end-to-end tests.
-The broker runs from the pinned jars (``modelserving.jars.kafka_classpath()``) as::
+The broker runs from the pinned jars (``modelserving.local.jars.kafka_classpath()``) as::
 
     java -Xmx<heap> -cp <classpath> kafka.Kafka <workdir>/server.properties
 
@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from modelserving.kafka_admin import MAX_MESSAGE_BYTES
+from modelserving.kafka.admin import MAX_MESSAGE_BYTES
 
 __all__ = ["LocalKafka", "LocalKafkaError", "free_port", "free_ports"]
 
@@ -96,7 +96,7 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 LOG4J2_PROPERTIES = """\
-# Written by modelserving.kafka_local: broker logs go to stdout, i.e. broker.log.
+# Written by modelserving.local.kafka_broker: broker logs go to stdout, i.e. broker.log.
 status = warn
 shutdownHook = disable
 appender.out.type = Console
@@ -197,13 +197,13 @@ class LocalKafka:
 
     def _write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = ["# Written by modelserving.kafka_local on every start; edits are overwritten."]
+        lines = ["# Written by modelserving.local.kafka_broker on every start; edits are overwritten."]
         lines += [f"{k}={v}" for k, v in self.server_properties().items()]
         self.properties_file.write_text("\n".join(lines) + "\n")
         (self.workdir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
-        from modelserving.jars import kafka_classpath
+        from modelserving.local.jars import kafka_classpath
 
         return [
             _java(), f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
@@ -292,13 +292,13 @@ class LocalKafka:
         for port in (self.port, self.controller_port):
             if not _port_is_free(port):
                 raise LocalKafkaError(f"port {HOST}:{port} is already in use; choose other ports "
-                                      f"(e.g. modelserving.kafka_local.free_port())")
+                                      f"(e.g. modelserving.local.kafka_broker.free_port())")
         self._write_config()
         if not self.is_formatted():
             self._format()
         cmd = self._java_cmd("kafka.Kafka", str(self.properties_file))
         with open(self.log_file, "ab") as log:
-            log.write(f"\n===== modelserving.kafka_local: starting broker on {self.bootstrap} at "
+            log.write(f"\n===== modelserving.local.kafka_broker: starting broker on {self.bootstrap} at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
@@ -394,6 +394,6 @@ class LocalKafka:
     # ------------------------------------------------------------------ topics
     def create_topics(self, names, partitions: int = 2, compacted=()) -> None:
         """Create topics on this broker; see ``kafka_admin.ensure_topics``."""
-        from modelserving.kafka_admin import ensure_topics
+        from modelserving.kafka.admin import ensure_topics
 
         ensure_topics(self.bootstrap, names, compacted=compacted, partitions=partitions)

@@ -1,4 +1,4 @@
-"""Load generation and measurement (GUIDE §7, after the Crayfish benchmark).
+"""Load generation and measurement (after the method of the Crayfish benchmark of model serving in stream processors).
 
 A rate-limited producer stamps each record with its creation time (the record's ``ts``); the
 results topic uses LogAppendTime, so a result's Kafka timestamp is when the broker got it,

@@ -36,7 +36,7 @@ def _settings(args) -> Settings:
 
 
 def cmd_bench(args) -> int:
-    from bench.runner import run_bench
+    from modelserving.bench.runner import run_bench
 
     def subset(text, known):
         chosen = tuple(part for part in text.split(",") if part)
@@ -56,12 +56,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_jars(args) -> int:
-    from modelserving import jars
+    from modelserving.local import jars
     return jars.main(["fetch"])
 
 
 def cmd_kafka(args) -> int:
-    from modelserving.kafka_local import LocalKafka
+    from modelserving.local.kafka_broker import LocalKafka
     broker = LocalKafka(Path(args.workdir), port=args.port, controller_port=args.port + 1)
     if args.action == "start":
         broker.start()
@@ -79,7 +79,7 @@ def cmd_kafka(args) -> int:
 def create_topics(settings: Settings, partitions: int = 2, compact_models: bool = False) -> None:
     """The job's topics. The models topic is not compacted by default: the tutorial's
     producers send models without a key, which a compacted topic refuses."""
-    from modelserving.kafka_admin import ensure_topics
+    from modelserving.kafka.admin import ensure_topics
     topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
     models = [settings.models_topic]
     state = [settings.state_topic] if settings.state_topic else []
@@ -97,19 +97,19 @@ def cmd_topics(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from modelserving.training import train_all
+    from modelserving.demo.training import train_all
     for model in train_all(Path(args.out)):
         print(f"trained {model.name} v{model.version} -> {model.path}")
     return 0
 
 
 def cmd_publish(args) -> int:
-    from modelserving import client
+    from modelserving.kafka import clients as client
     settings = _settings(args)
     kafka = client.producer(settings.bootstrap_servers)
     try:
         if args.what == "model":
-            from modelserving.training import manifest_entry
+            from modelserving.demo.training import manifest_entry
             from protos import ModelType
             trained = manifest_entry(args.path)  # `train` output: its manifest fills the gaps
             descriptor = client.model_descriptor(
@@ -130,7 +130,7 @@ def cmd_publish(args) -> int:
             if args.csv:
                 rows = client.rows_from_csv(args.csv, args.data_type or "wine")
             else:
-                from modelserving.client import demo_rows
+                from modelserving.kafka.clients import demo_rows
                 rows = demo_rows()
             sent = client.publish_records(kafka, settings.data_topic, rows, rate=args.rate,
                                           count=args.count, loop=args.loop)
@@ -141,7 +141,7 @@ def cmd_publish(args) -> int:
 
 
 def cmd_follow(args) -> int:
-    from modelserving import client
+    from modelserving.kafka import clients as client
     settings = _settings(args)
     kafka = client.consumer(settings.bootstrap_servers,
                             [settings.results_topic, settings.dead_letter_topic],
@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from modelserving.demo import run_demo
+    from modelserving.demo.run import run_demo
     return run_demo(duration_s=args.duration, rest_port=args.rest_port, kafka_port=args.kafka_port,
                     rate=args.rate, switch_every_s=args.switch_every)
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from jobs.settings import Settings
-from modelserving.kafka_local import free_port
+from modelserving.local.kafka_broker import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

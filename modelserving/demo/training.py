@@ -182,7 +182,7 @@ def export_frozen_graph(pipeline, n_features: int, path: Path) -> None:
 
 def export_pmml(pipeline, feature_names, class_labels, path: Path, *, model_name: str,
                 description: str) -> None:
-    from modelserving.pmml_export import logistic_regression_pmml
+    from modelserving.demo.pmml_export import logistic_regression_pmml
 
     text = logistic_regression_pmml(pipeline.named_steps["classifier"],
                                     scaler=pipeline.named_steps["scaler"],

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES, WINE_PROTO_FIELDS
 
-from modelserving.kafka_admin import MAX_MESSAGE_BYTES
+from modelserving.kafka.admin import MAX_MESSAGE_BYTES
 
 
 def producer(bootstrap_servers: str, **config) -> KafkaProducer:
@@ -194,7 +194,7 @@ def demo_rows(seed: int = 7) -> list[Row]:
     """The bundled demo dataset as records, shuffled (it is sorted by class), ids by row."""
     import numpy as np
 
-    from modelserving.training import DEMO_DATA_TYPE, demo_dataset
+    from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset
 
     names, X, _, _ = demo_dataset()
     order = np.random.default_rng(seed).permutation(len(X))
