@@ -76,19 +76,9 @@ def cmd_kafka(args) -> int:
     return 0
 
 
-def create_topics(settings: Settings, partitions: int = 2, compact_models: bool = False) -> None:
-    """The job's topics. The models topic is not compacted by default: the tutorial's
-    producers send models without a key, which a compacted topic refuses."""
-    from modelserving.kafka.admin import ensure_topics
-    topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
-    models = [settings.models_topic]
-    state = [settings.state_topic] if settings.state_topic else []
-    ensure_topics(settings.bootstrap_servers, topics + ([] if compact_models else models),
-                  compacted=state + (models if compact_models else []), partitions=partitions)
-
-
 def cmd_topics(args) -> int:
     settings = _settings(args)
+    from modelserving.kafka.admin import create_topics
     create_topics(settings, args.partitions, args.compact_models)
     print(f"topics ready on {settings.bootstrap_servers}: {settings.data_topic}, "
           f"{settings.models_topic}{' (compacted)' if args.compact_models else ''}, "

@@ -21,10 +21,11 @@ from collections import Counter
 
 from jobs.settings import Settings
 from modelserving.kafka import clients as client
-from modelserving.cli import VAR_DIR, create_topics
+from modelserving.kafka.admin import create_topics
+from modelserving.paths import var_dir
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
-DEMO_DIR = VAR_DIR / "demo"
+DEMO_DIR = var_dir() / "demo"
 #: The local Flink is on loopback: never ask an HTTP proxy from the environment for it.
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -105,7 +106,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
     try:
         say(f"starting Kafka (KRaft) on {broker.bootstrap} ...")
         broker.start()
-        models_dir = VAR_DIR / "models"
+        models_dir = var_dir() / "models"
         try:
             models = load_manifest(models_dir)
         except (FileNotFoundError, ValueError):

@@ -48,3 +48,13 @@ def ensure_topics(bootstrap_servers: str, topics: Iterable[str], compacted: Iter
         admin.wait_for_topics(wanted, timeout_ms=30000)
     finally:
         admin.close()
+
+
+def create_topics(settings, partitions: int = 2, compact_models: bool = False) -> None:
+    """The job's topics. The models topic is not compacted by default: the tutorial's
+    producers send models without a key, which a compacted topic refuses."""
+    topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
+    models = [settings.models_topic]
+    state = [settings.state_topic] if settings.state_topic else []
+    ensure_topics(settings.bootstrap_servers, topics + ([] if compact_models else models),
+                  compacted=state + (models if compact_models else []), partitions=partitions)

@@ -27,6 +27,8 @@ _RUNTIMES: dict[int, tuple[str, str]] = {
 
 #: Every model type a runtime is registered for.
 SUPPORTED_TYPES: frozenset[int] = frozenset(_RUNTIMES)
+#: Their enum names, in the order the tooling lists and measures them.
+FORMAT_NAMES: tuple[str, ...] = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
 
 
 def type_name(model_type: int) -> str:
