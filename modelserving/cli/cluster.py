@@ -14,18 +14,13 @@ so ``--rest-port`` is needed only to start one, or to reach a cluster not starte
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-JOB_NAMES = ("keyed", "broadcast")
-
-
-def default_workdir() -> Path:
-    return Path(os.environ.get("MODELSERVING_VAR_DIR", PROJECT_ROOT / "var")) / "flink"
+from jobs import JOB_MODULES
+from jobs.settings import Settings
+from modelserving.errors import FlinkClusterError, UsageError
+from modelserving.paths import var_dir
 
 
 def _cluster(args, for_start: bool = False):
@@ -39,13 +34,6 @@ def _cluster(args, for_start: bool = False):
     if args.rest_port:
         cluster.rest_port = args.rest_port
     return cluster
-
-
-def _module(job: str) -> str:
-    module = f"jobs.{job}_job"
-    if importlib.util.find_spec(module) is None:
-        raise SystemExit(f"modelserving: no job module {module} in this checkout")
-    return module
 
 
 #: Options of these commands that may also follow the job name (argparse hands everything
@@ -70,7 +58,7 @@ def _split_own_options(args, job_args: list[str]) -> list[str]:
                 continue
             value = inline or next(items, None)
             if value is None:
-                raise SystemExit(f"modelserving: {name} needs a value")
+                raise UsageError(f"{name} needs a value")
             setattr(args, attr, int(value) if attr == "rest_port" else value)
         else:
             rest.append(arg)
@@ -80,56 +68,42 @@ def _split_own_options(args, job_args: list[str]) -> list[str]:
 def _check_settings(job: str, job_args: list[str]) -> bool:
     """Validate the job settings here (a typo fails in a second, not after `flink run`);
     print the settings' help for -h/--help. Returns False when only help was asked for."""
-    from jobs.settings import Settings
-
     if "-h" in job_args or "--help" in job_args:
         parser = argparse.ArgumentParser(prog=f"modelserving submit {job}",
                                          description="job settings (also MODELSERVING_* variables)")
         Settings.argument_parser(parser).print_help()
         return False
-    try:
-        Settings.from_sources(job_args)
-    except ValueError as exc:
-        raise SystemExit(f"modelserving: {exc}") from None
+    Settings.from_sources(job_args)
     return True
 
 
 def _submit(args, job_args: list[str], savepoint: str | None = None,
             allow_non_restored: bool = False) -> int:
-    from modelserving.local.flink_cluster import FlinkClusterError
-
-    module = _module(args.job)
+    module = JOB_MODULES[args.job]
     if not _check_settings(args.job, job_args):
         return 0
     cluster = _cluster(args)
-    if not cluster.is_running():
-        print(f"no Flink cluster answers at {cluster.url}; start one with: modelserving cluster start",
-              file=sys.stderr)
-        return 1
+    _require_running(cluster)
     started = time.monotonic()
-    try:
-        job_id = cluster.submit(module, job_args, savepoint=savepoint,
-                                allow_non_restored=allow_non_restored)
-    except FlinkClusterError as exc:
-        print(f"modelserving: {exc}", file=sys.stderr)
-        return 1
+    job_id = cluster.submit(module, job_args, savepoint=savepoint,
+                            allow_non_restored=allow_non_restored)
     how = f" from {savepoint}" if savepoint else ""
     print(f"submitted {module}{how} as job {job_id} ({time.monotonic() - started:.1f} s)")
     print(f"web UI: {cluster.web_ui(job_id)}")
     return 0
 
 
-def cmd_cluster(args) -> int:
-    from modelserving.local.flink_cluster import FlinkClusterError
+def _require_running(cluster) -> None:
+    if not cluster.is_running():
+        raise FlinkClusterError(f"no Flink cluster answers at {cluster.url}; "
+                                "start one with: modelserving cluster start")
 
+
+def cmd_cluster(args) -> int:
     if args.action == "start":
         cluster = _cluster(args, for_start=True)
         started = time.monotonic()
-        try:
-            cluster.start(timeout=args.timeout)
-        except FlinkClusterError as exc:
-            print(f"modelserving: {exc}", file=sys.stderr)
-            return 1
+        cluster.start(timeout=args.timeout)
         print(f"Flink running: web UI {cluster.url} ({cluster.taskmanagers} TaskManager(s) with "
               f"{cluster.slots} slots, state in {cluster.workdir}, started in "
               f"{time.monotonic() - started:.1f} s); stop with: modelserving cluster stop")
@@ -157,8 +131,6 @@ def cmd_cluster(args) -> int:
 
 
 def _jobs(cluster) -> list[dict]:
-    from modelserving.local.flink_cluster import FlinkClusterError
-
     try:
         return cluster.list_jobs()
     except FlinkClusterError:
@@ -174,17 +146,14 @@ def cmd_submit(args) -> int:
 def cmd_resume(args) -> int:
     job_args = _split_own_options(args, list(args.job_args))
     if not args.savepoint:
-        print("modelserving resume: --from SAVEPOINT is required", file=sys.stderr)
-        return 2
+        raise UsageError("resume: --from SAVEPOINT is required")
     return _submit(args, job_args, savepoint=args.savepoint,
                    allow_non_restored=args.allow_non_restored)
 
 
 def cmd_jobs(args) -> int:
     cluster = _cluster(args)
-    if not cluster.is_running():
-        print(f"no Flink cluster answers at {cluster.url}", file=sys.stderr)
-        return 1
+    _require_running(cluster)
     jobs = cluster.list_jobs()
     if not jobs:
         print("no jobs")
@@ -199,15 +168,9 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_savepoint(args) -> int:
-    from modelserving.local.flink_cluster import FlinkClusterError
-
     cluster = _cluster(args)
     started = time.monotonic()
-    try:
-        path = cluster.stop_with_savepoint(args.job_id, args.directory, timeout=args.timeout)
-    except FlinkClusterError as exc:
-        print(f"modelserving: {exc}", file=sys.stderr)
-        return 1
+    path = cluster.stop_with_savepoint(args.job_id, args.directory, timeout=args.timeout)
     print(f"job {args.job_id} stopped with a savepoint ({time.monotonic() - started:.1f} s):")
     print(path)
     print(f"resume with: modelserving resume <keyed|broadcast> --from {path} [job settings]")
@@ -215,14 +178,8 @@ def cmd_savepoint(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from modelserving.local.flink_cluster import FlinkClusterError
-
     cluster = _cluster(args)
-    try:
-        state = cluster.cancel(args.job_id)
-    except FlinkClusterError as exc:
-        print(f"modelserving: {exc}", file=sys.stderr)
-        return 1
+    state = cluster.cancel(args.job_id)
     print(f"job {args.job_id}: {state}")
     return 0
 
@@ -230,7 +187,7 @@ def cmd_cancel(args) -> int:
 def register(subparsers) -> None:
     """Add the cluster subcommands to the ``modelserving`` parser."""
     def where(p: argparse.ArgumentParser, rest_port_help: str) -> argparse.ArgumentParser:
-        p.add_argument("--workdir", default=str(default_workdir()),
+        p.add_argument("--workdir", default=str(var_dir() / "flink"),
                        help="the cluster's configuration, logs, checkpoints and savepoints "
                             "(default: %(default)s)")
         p.add_argument("--rest-port", type=int, default=None, help=rest_port_help)
@@ -251,13 +208,13 @@ def register(subparsers) -> None:
         "submit", help="submit a job to the local cluster (flink run)",
         description="Submit a job with `flink run`; job settings as for `modelserving run` "
                     "(`modelserving submit keyed --help` lists them)."), found)
-    submit.add_argument("job", choices=JOB_NAMES)
+    submit.add_argument("job", choices=sorted(JOB_MODULES))
     submit.add_argument("job_args", nargs=argparse.REMAINDER, help="job settings")
     submit.set_defaults(func=cmd_submit)
 
     resume = where(subparsers.add_parser(
         "resume", help="submit a job restored from a savepoint (or retained checkpoint)"), found)
-    resume.add_argument("job", choices=JOB_NAMES)
+    resume.add_argument("job", choices=sorted(JOB_MODULES))
     resume.add_argument("--from", dest="savepoint", help="savepoint or checkpoint path")
     resume.add_argument("--allow-non-restored", action="store_true",
                         help="skip savepoint state of operators the job no longer has")

@@ -1,0 +1,100 @@
+"""``modelserving publish model|records`` and ``follow``: talking to the job's topics."""
+from __future__ import annotations
+
+
+from modelserving.cli.common import settings_of, with_settings
+from udfs.runtimes import FORMAT_NAMES
+
+
+def cmd_publish_model(args) -> int:
+    from modelserving.demo.training import manifest_entry
+    from modelserving.kafka import clients
+    from protos import ModelType
+    from udfs.runtimes import type_name
+
+    settings = settings_of(args)
+    trained = manifest_entry(args.path)  # `train` output: its manifest fills the gaps
+    descriptor = clients.model_descriptor(
+        args.path, args.data_type, name=args.name or (trained.name if trained else ""),
+        version=args.version or (trained.version if trained else ""),
+        description=args.description or (trained.description if trained else ""),
+        model_type=ModelType.Value(args.type) if args.type else None,
+        by_location=True if args.location else (False if args.inline else None),
+        input_features=(args.input_features.split(",") if args.input_features
+                        else trained.input_features if trained else ()),
+        class_labels=(args.class_labels.split(",") if args.class_labels
+                      else trained.class_labels if trained else ()))
+    producer = clients.producer(settings)
+    try:
+        clients.publish_model(producer, settings.models_topic, descriptor)
+    finally:
+        producer.close()
+    how = f"location {descriptor.location}" if descriptor.location else f"{len(descriptor.data)} bytes inline"
+    print(f"published {type_name(descriptor.modeltype)} model '{descriptor.name}' "
+          f"for data type '{descriptor.dataType}' ({how}) to {settings.models_topic}")
+    return 0
+
+
+def cmd_publish_records(args) -> int:
+    from modelserving.kafka import clients
+
+    settings = settings_of(args)
+    if args.csv:
+        rows = clients.rows_from_csv(args.csv, args.data_type or "wine")
+    else:
+        rows = clients.demo_rows()
+    producer = clients.producer(settings)
+    try:
+        sent = clients.publish_records(producer, settings.data_topic, rows, rate=args.rate,
+                                       count=args.count, loop=args.loop)
+    finally:
+        producer.close()
+    print(f"published {sent} records to {settings.data_topic}")
+    return 0
+
+
+def cmd_follow(args) -> int:
+    from modelserving.kafka import clients
+
+    settings = settings_of(args)
+    consumer = clients.consumer(settings, [settings.results_topic, settings.dead_letter_topic],
+                                from_beginning=args.from_beginning)
+    try:
+        for _, message in clients.follow(consumer, settings.dead_letter_topic, timeout_s=args.timeout):
+            print(clients.describe_message(message), flush=True)
+    finally:
+        consumer.close()
+    return 0
+
+
+def register(sub) -> None:
+    publish = sub.add_parser("publish", help="publish a model or records")
+    publish_sub = publish.add_subparsers(dest="what", required=True)
+
+    model = with_settings(publish_sub.add_parser("model", help="a model file or SavedModel directory"))
+    model.add_argument("path")
+    model.add_argument("--data-type", required=True)
+    model.add_argument("--name", default="")
+    model.add_argument("--version", default="")
+    model.add_argument("--description", default="")
+    model.add_argument("--type", choices=FORMAT_NAMES, help="model type; guessed from the path when absent")
+    how = model.add_mutually_exclusive_group()
+    how.add_argument("--location", action="store_true", help="send the path, not the bytes")
+    how.add_argument("--inline", action="store_true", help="send the bytes (default for files)")
+    model.add_argument("--input-features", help="comma-separated input order for vector models")
+    model.add_argument("--class-labels", help="comma-separated class labels")
+    model.set_defaults(func=cmd_publish_model)
+
+    records = with_settings(publish_sub.add_parser(
+        "records", help="records from a CSV file or the demo dataset"))
+    records.add_argument("--csv", help="CSV file; without it, the bundled demo dataset")
+    records.add_argument("--data-type", default="")
+    records.add_argument("--rate", type=float, default=10.0, help="records per second, 0 = unlimited")
+    records.add_argument("--count", type=int, default=0, help="stop after this many")
+    records.add_argument("--loop", action="store_true", help="cycle through the rows")
+    records.set_defaults(func=cmd_publish_records)
+
+    follow = with_settings(sub.add_parser("follow", help="print results and dead letters"))
+    follow.add_argument("--from-beginning", action="store_true")
+    follow.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
+    follow.set_defaults(func=cmd_follow)
