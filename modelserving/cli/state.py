@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     if args.topic:
         overrides["state_topic"] = args.topic
     settings = settings_of(args, **overrides)
-    if not args.verbose:  # a line per HTTP request (two a second per open page) is noise
+    if not getattr(args, "verbose", False):  # a line per HTTP request (two a second per open page) is noise
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     service = StateService(settings, host=args.host, port=args.port)
     service.bind()
@@ -61,5 +61,5 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default=DEFAULT_HOST,
                        help="address to bind; 0.0.0.0 for every interface (default: %(default)s)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
-    serve.set_defaults(func=cmd_serve, verbose=False)
+    serve.set_defaults(func=cmd_serve)
     with_settings(serve)
