@@ -7,7 +7,7 @@ in two groups:
 * ``kafka``: an Apache Kafka broker (KRaft) with its full runtime closure and a log4j2
   backend, runnable with ``java -cp <kafka_classpath()> kafka.Kafka server.properties``.
 
-``fetch()`` makes ``JARS_DIR/<group>/`` hold exactly-verified copies of the locked jars.
+``fetch()`` makes ``<jars dir>/<group>/`` hold exactly-verified copies of the locked jars.
 It is idempotent and cheap when nothing is missing (no Maven start, checksums cached by
 size+mtime in a stamp file).  Missing jars are obtained by coordinates with the ``mvn``
 client in ONE Maven run (``dependency:copy-dependencies`` on a throwaway pom), so the
@@ -17,8 +17,8 @@ downloaded by URL here.
 ``lock()`` (``python -m modelserving.local.jars lock``) is the maintainer's way to refresh the
 pins: it resolves ``ROOTS`` once with Maven and rewrites the lock file.
 
-Layout: ``JARS_DIR`` defaults to ``<project root>/build/jars`` and can be overridden with
-the ``MODELSERVING_JARS_DIR`` environment variable.
+Layout: the jars directory is ``modelserving.paths.jars_dir()``: ``<project root>/build/jars``
+unless the ``MODELSERVING_JARS_DIR`` environment variable moves it (read at each call).
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from modelserving.errors import JarsError
+from modelserving.paths import jars_dir as default_jars_dir
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_DIR.parent
 LOCK_FILE = PACKAGE_DIR / "jars.lock.json"
-JARS_DIR = Path(os.environ.get("MODELSERVING_JARS_DIR") or PROJECT_ROOT / "build" / "jars").resolve()
 
 GROUPS = ("flink", "kafka")
 
@@ -66,10 +67,6 @@ ROOTS: dict[str, dict] = {
 # The Maven plugin doing the work, pinned so resolution behaves the same everywhere.
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 STAMP_NAME = ".verified.json"
-
-
-class JarsError(RuntimeError):
-    """A locked jar could not be obtained or failed its checksum."""
 
 
 # ---------------------------------------------------------------------------- lock file
@@ -262,7 +259,7 @@ def fetch(groups=GROUPS, *, jars_dir: Path | None = None, lock_file: Path | None
     """
     if isinstance(groups, str):
         groups = (groups,)
-    jars_dir = Path(jars_dir) if jars_dir else JARS_DIR
+    jars_dir = Path(jars_dir) if jars_dir else default_jars_dir()
     started = time.monotonic()
     lock = load_lock(lock_file)
     entries = _entries(lock, groups)
@@ -343,7 +340,7 @@ def _fetch_missing(jars_dir: Path, missing: list[tuple[str, dict]], stamp: dict)
 
 def group_jars(group: str, *, jars_dir: Path | None = None, fetch_missing: bool = True) -> list[Path]:
     """Paths of the locked jars of ``group`` (fetched first if any is missing)."""
-    jars_dir = Path(jars_dir) if jars_dir else JARS_DIR
+    jars_dir = Path(jars_dir) if jars_dir else default_jars_dir()
     entries = load_lock()["groups"].get(group)
     if entries is None:
         raise JarsError(f"unknown jar group {group!r}")
