@@ -1,13 +1,21 @@
-"""The state service with an in-memory feed: the view's merging and history, and the HTTP layer."""
+"""The state service without a broker: the view's merging and history, the HTTP layer and
+its page, the Kafka client configuration and the command."""
 from __future__ import annotations
 
 import json
+import re
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
-from modelserving.state.service import ModelStateView, StateService
+from jobs.settings import Settings
+from modelserving.errors import ToolError, UsageError
+from modelserving.state import service as state_service
+from modelserving.state.service import StateService, StateServiceError
+from modelserving.state.view import ModelStateView
 from protos import ModelStats, ModelType
 
 T0 = 1_700_000_000_000
@@ -278,56 +286,122 @@ def test_unknown_data_type_is_a_404_naming_the_known_ones(service):
     assert (status, ctype) == (404, "application/json") and json.loads(body)["path"] == "/nowhere"
 
 
-def test_html_page_shows_models_and_statistics(service):
-    status, ctype, body = get(service.url + "/")
-    assert (status, ctype) == (200, "text/html") and 'id="empty"' in body
-    service.view.ingest(key("keyed", "wine"), stats(model="winequality<lr>", usage=1234, total_us=2468_000.0,
-                                                    min_us=1000.0, max_us=4000.0, no_model=5, dead=6))
-    service.view.ingest(key("broadcast", "wine", 0), stats(job="broadcast", part=0, model="a", version="1"))
-    service.view.ingest(key("broadcast", "wine", 1), stats(job="broadcast", part=1, subtask=1, model="b",
-                                                           version="2", since=T0 + 1))
+
+def test_unknown_model_type_is_named_by_its_number(view):
+    view.ingest(key("keyed", "wine"), stats(model_type=99))
+    assert view.state("wine")["jobs"]["keyed"]["model"]["type"] == "99"
+
+
+# -- the page: static, drawn by its script from the JSON -------------------------------------
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+def headers_of(url: str):
+    with OPENER.open(url, timeout=5) as response:
+        return response.headers
+
+
+def test_page_is_static_and_carries_no_data(service):
+    status, ctype, empty = get(service.url + "/")
+    assert (status, ctype) == (200, "text/html")
+    service.view.ingest(key("keyed", "wine"), stats(model="winequality<lr>", usage=1234))
     status, ctype, body = get(service.url + "/")
     assert (status, ctype) == (200, "text/html")
-    assert '<section class="data-type" data-type="wine">' in body
-    keyed_row = body[body.index('data-job="keyed"'):]
-    keyed_row = keyed_row[:keyed_row.index("</tr>")]
-    assert '<td class="model-name">winequality&lt;lr&gt;</td>' in keyed_row  # escaped
-    assert '<td class="usage">1234</td>' in keyed_row
-    assert '<td class="mean-ms">2.000</td>' in keyed_row and '<td class="max-ms">4.000</td>' in keyed_row
-    assert '<td class="no-model">5</td>' in keyed_row and '<td class="dead-letters">6</td>' in keyed_row
-    assert 'data-jitter="false"' in keyed_row
-    broadcast_row = body[body.index('data-job="broadcast"'):]
-    broadcast_row = broadcast_row[:broadcast_row.index("</tr>")]
-    assert 'data-jitter="true"' in broadcast_row and "subtask 0 (part 0): a v1" in broadcast_row
-    assert "subtask 1 (part 1): b v2" in broadcast_row
-    # it refreshes itself without external assets
-    assert "setInterval(refresh, 2000)" in body and 'http-equiv="refresh"' in body
-    assert "src=" not in body and "https://" not in body
-    status, _, fragment = get(service.url + "/?fragment=1")
-    assert status == 200 and "<html" not in fragment and '<td class="usage">1234</td>' in fragment
+    assert body == empty  # the server writes no data into HTML; the script fetches the JSON
+    assert "winequality" not in body and "1234" not in body
 
 
-def test_cli_hook_adds_state_serve():
-    import argparse
+def test_page_script_only_ever_writes_text():
+    """The script fills the DOM through textContent and setAttribute: nothing in it parses
+    strings as markup or code."""
+    from modelserving.state.app import load_page
 
-    from modelserving import state_service
+    page = load_page()
+    script = re.search(r"<script>(.*?)</script>", page, flags=re.DOTALL).group(1)
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", "DOMParser", "createContextualFragment"):
+        assert sink not in script, sink
+    assert "textContent" in script
+    # self-contained: nothing loaded from elsewhere
+    assert "src=" not in page and "https://" not in page and "http://" not in page
 
-    parser = argparse.ArgumentParser()
-    state_service.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["state", "serve"])
-    assert (args.topic, args.host, args.port, args.func) == ("model-state", "127.0.0.1", 5500,
-                                                             state_service._cmd_serve)
-    args = parser.parse_args(["state", "serve", "--bootstrap", "k:9092", "--topic", "t", "--host", "0.0.0.0",
-                              "--port", "5600"])
-    assert (args.bootstrap, args.topic, args.host, args.port) == ("k:9092", "t", "0.0.0.0", 5600)
+
+def test_page_is_served_with_a_policy_admitting_only_its_own_script(service):
+    from modelserving.state.app import content_security_policy, load_page
+
+    policy = headers_of(service.url + "/")["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'none'" and directives["connect-src"] == "'self'"
+    assert re.fullmatch(r"'sha256-[A-Za-z0-9+/=]+'", directives["script-src"])  # no 'unsafe-inline'
+    assert policy == content_security_policy(load_page())
+    assert headers_of(service.url + "/models")["X-Content-Type-Options"] == "nosniff"
+    assert get(service.url + "/favicon.ico")[0] == 204
+
+
+def test_hostile_names_are_plain_values_in_the_json(service):
+    """A data type or model name that looks like markup comes out as the same string, and
+    the JSON's bytes hold no markup at all."""
+    service.view.ingest(key("keyed", HOSTILE), stats(HOSTILE, model='<img src=x onerror="alert(2)">'))
+    for path in ("/models", "/state/" + urllib.parse.quote(HOSTILE, safe=""),
+                 "/history/" + urllib.parse.quote(HOSTILE, safe="")):
+        status, ctype, body = get(service.url + path)
+        assert (status, ctype) == (200, "application/json"), (path, body)
+        assert "<" not in body and ">" not in body
+    models = json.loads(get(service.url + "/models")[2])
+    assert list(models["data_types"]) == [HOSTILE]
+    assert models["data_types"][HOSTILE]["jobs"]["keyed"]["model"]["name"] == '<img src=x onerror="alert(2)">'
+    history = json.loads(get(service.url + "/history/" + urllib.parse.quote(HOSTILE, safe=""))[2])
+    assert history["data_type"] == HOSTILE and history["models"][0]["model"] == '<img src=x onerror="alert(2)"> v1'
+
+
+# -- Kafka access: the settings' bootstrap, topic and security ------------------------------
+
+def test_feed_consumer_is_configured_from_the_settings(tmp_path):
+    properties = tmp_path / "client.properties"
+    properties.write_text('sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule '
+                          'required username="reader" password="s3cret";\n')
+    settings = Settings.from_sources([], environ={}, bootstrap_servers="kafka-1:9093",
+                                     state_topic="stats", security_protocol="SASL_SSL",
+                                     sasl_mechanism="SCRAM-SHA-512", ssl_cafile="/etc/ca.pem",
+                                     kafka_properties_file=str(properties))
+    service = StateService(settings, port=0)
+    config = service.feed.consumer_config
+    assert (config["bootstrap_servers"], config["security_protocol"], config["sasl_mechanism"]) == (
+        "kafka-1:9093", "SASL_SSL", "SCRAM-SHA-512")
+    assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("reader", "s3cret")
+    assert config["ssl_cafile"] == "/etc/ca.pem"
+    assert config["group_id"] is None and config["isolation_level"] == "read_committed"
+    assert service.feed.topic == "stats"
+    assert "s3cret" not in json.dumps(service.app.health())
+
+
+def test_settings_that_cannot_reach_kafka_are_a_usage_error():
+    no_password = Settings.from_sources([], environ={}, security_protocol="SASL_PLAINTEXT",
+                                        sasl_mechanism="PLAIN", sasl_username="reader")
+    with pytest.raises(UsageError, match="sasl_password"):
+        StateService(no_password, port=0)
+    with pytest.raises(UsageError, match="state topic is empty"):
+        StateService(Settings.from_sources([], environ={}, state_topic=""), port=0)
+
+
+def test_a_taken_port_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(StateServiceError) as failure:
+            StateService(port=port).start()
+    assert isinstance(failure.value, ToolError) and "\n" not in str(failure.value)
+    assert f"127.0.0.1:{port}" in str(failure.value)
 
 
 def test_feed_health_without_a_broker():
     """No broker listening: the service still answers, /health says why it is not ready."""
-    from modelserving.local.kafka_broker import free_port
+    from modelserving.local.processes import free_port
 
-    with StateService(f"127.0.0.1:{free_port()}", "model-state", port=0,
-                      consumer_config={"bootstrap_timeout_ms": 300}) as service:
+    settings = Settings.from_sources([], environ={}, bootstrap_servers=f"127.0.0.1:{free_port()}")
+    with StateService(settings, port=0, consumer_overrides={"bootstrap_timeout_ms": 300}) as service:
         status, ctype, body = get(service.url + "/health")
         assert (status, ctype) == (503, "application/json")
         assert json.loads(body)["ready"] is False
@@ -348,3 +422,48 @@ def eventually_error(service, timeout_s=5.0):
             return health["feed"]["error"]
         time.sleep(0.05)
     raise AssertionError("no error reported in /health")
+
+
+# -- the command ---------------------------------------------------------------------------
+
+@pytest.fixture
+def no_settings_in_environment(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MODELSERVING_"):
+            monkeypatch.delenv(name)
+
+
+def test_cli_adds_state_serve():
+    import argparse
+
+    from modelserving.cli import state as state_cli
+
+    parser = argparse.ArgumentParser()
+    state_cli.register(parser.add_subparsers(dest="command"))
+    args, extra = parser.parse_known_args(["state", "serve"])
+    assert (args.host, args.port, args.func, args.takes_settings, extra) == (
+        state_service.DEFAULT_HOST, state_service.DEFAULT_PORT, state_cli.cmd_serve, True, [])
+    args, extra = parser.parse_known_args(["state", "serve", "--bootstrap", "k:9092", "--topic", "t",
+                                           "--host", "0.0.0.0", "--port", "5600",
+                                           "--security-protocol", "SSL"])
+    assert (args.bootstrap, args.topic, args.host, args.port) == ("k:9092", "t", "0.0.0.0", 5600)
+    assert extra == ["--security-protocol", "SSL"]  # job settings, handed over as job_args
+
+
+def test_cli_failures_are_one_line(no_settings_in_environment, capsys):
+    from modelserving.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["state", "serve", "--port", str(port), "--bootstrap", "127.0.0.1:1"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("modelserving: the state service cannot listen on") and error.count("\n") == 1
+    assert main(["state", "serve", "--port", "0", "--security-protocol", "SASL_SSL"]) == 2
+    error = capsys.readouterr().err
+    assert "sasl_mechanism" in error and error.count("\n") == 1 and "Traceback" not in error
+    assert main(["state", "serve", "--no-such-setting", "1"]) == 2
+    assert "--no-such-setting" in capsys.readouterr().err
