@@ -29,16 +29,15 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_DIR = PROJECT_ROOT / "artifacts" / "screenshots"
 
-INSTALL_HINT = "apt-get update && apt-get install -y chromium"
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+#: How Chromium gets onto a machine: CI (.ci/run) installs it as a system package; tests never do.
+INSTALL_HINT = "apt-get install chromium (as root; .ci/run does this in CI)"
 
 # Only loopback networking: nothing may phone home (component updates, sync, QUIC probes...).
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
          "--disable-default-apps", "--disable-extensions", "--mute-audio",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--no-proxy-server")
-
-_install_attempted = False
 
 
 def find_chromium() -> str | None:
@@ -49,31 +48,12 @@ def find_chromium() -> str | None:
     return None
 
 
-def require_chromium(install_timeout_s: float = 300) -> str:
-    """The Chromium executable; installs Debian's package once if possible, else skips the test."""
-    global _install_attempted
-    found = find_chromium()
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"Chromium is not installed (looked for {', '.join(CANDIDATES)}); "
-                    f"install it with `{INSTALL_HINT}` (as root)")
-    if _install_attempted:
-        pytest.skip(f"Chromium is not installed and `{INSTALL_HINT}` failed earlier in this session")
-    _install_attempted = True
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-            done = subprocess.run(command, env=env, capture_output=True, text=True,
-                                  timeout=install_timeout_s)
-            if done.returncode != 0:
-                pytest.skip(f"Chromium is not installed and `{' '.join(command)}` failed "
-                            f"({done.returncode}): {done.stderr.strip()[-500:]}")
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"Chromium is not installed and `{INSTALL_HINT}` took over {install_timeout_s:.0f} s")
+def require_chromium() -> str:
+    """The Chromium executable, or skip the test saying how to get one."""
     found = find_chromium()
     if not found:
-        pytest.skip(f"`{INSTALL_HINT}` ran but no Chromium executable appeared")
+        pytest.skip(f"Chromium is not installed (looked for {', '.join(CANDIDATES)}); "
+                    f"install it with `{INSTALL_HINT}`")
     return found
 
 
@@ -191,6 +171,7 @@ class Browser:
         page = Page(self, target, session)
         page.call("Page.enable")
         page.call("Runtime.enable")
+        page.call("Log.enable")  # browser-side messages: blocked scripts, failed requests
         page.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                                                          "deviceScaleFactor": 1, "mobile": False})
         return page
@@ -263,6 +244,19 @@ class Page:
                 raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}; page text: "
                                    f"{self.text()[:1500]!r}")
             time.sleep(0.2)
+
+    def errors(self) -> list[str]:
+        """What went wrong in the page so far: uncaught script exceptions and the browser's
+        error messages (a script refused by the Content-Security-Policy, a failed request)."""
+        found = []
+        for event in self.browser.events("Runtime.exceptionThrown", self.session):
+            details = event["params"]["exceptionDetails"]
+            found.append(details.get("exception", {}).get("description") or details.get("text", ""))
+        for event in self.browser.events("Log.entryAdded", self.session):
+            entry = event["params"]["entry"]
+            if entry.get("level") == "error":
+                found.append(f"{entry.get('source')}: {entry.get('text')}")
+        return found
 
     def text(self) -> str:
         """The rendered text (what a user sees), ``innerText`` of the body."""
