@@ -1,6 +1,7 @@
 """Process control for the local services (broker, Flink daemons, jobs), through psutil."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,6 +91,14 @@ def signal_pid(pid: int, sig: int) -> None:
         pass
 
 
+def started_at(pid: int) -> float:
+    """When the process started (seconds since the epoch); 0.0 when it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
 def descendants(pid: int) -> list[int]:
     try:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
@@ -119,6 +128,24 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port_range(n: int, attempts: int = 50) -> list[int]:
+    """``n`` consecutive free ports on 127.0.0.1, for settings that take a range (a
+    metrics reporter's ``first-last``); all were bound at once a moment ago."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n > 65536:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind((HOST, port))
+            except OSError:
+                continue
+        return list(range(base, base + n))
+    raise OSError(f"no {n} consecutive free ports found on {HOST}")
 
 
 def port_is_free(port: int) -> bool:
