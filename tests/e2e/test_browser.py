@@ -1,4 +1,5 @@
-"""The state page and the Flink web UI of a running job, as a user sees them in headless Chromium."""
+"""The state page and the Flink web UI of a running job, as a user sees them in headless Chromium;
+and the state page showing names that look like markup as plain text."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import pytest
 
 from browser import Browser, require_chromium, screenshot_path
 from modelserving.state.service import StateService
-from protos import ModelType, ServingResult
+from protos import ModelStats, ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +27,52 @@ def scored(serving, model_name: str) -> list[ServingResult]:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Chromium, found or installed before any broker or job starts (or the test skips)."""
+    """Chromium, looked for before any broker or job starts (the test skips without it)."""
     return require_chromium()
+
+
+HOSTILE_TYPE = "<script>window.__injected = 'data type'</script>"
+HOSTILE_MODEL = '<img src=x onerror="window.__injected = \'model\'">'
+HOSTILE_JOB = '"><b id="injected">job</b>'
+
+
+def test_state_page_shows_markup_in_names_as_text(chromium):
+    """Data types, model and job names are whatever was written to the state topic: the page
+    must show them as text, never run or render them. No broker needed: the view is fed here."""
+    service = StateService(port=0).start()
+    try:
+        service.view.ingest(f"keyed/{HOSTILE_TYPE}", ModelStats(
+            job="keyed", dataType=HOSTILE_TYPE, part=-1, hasModel=True, modelName=HOSTILE_MODEL,
+            modelVersion="1", modelType=ModelType.ONNX, modelId="m1", sinceMs=1_700_000_000_000,
+            usage=3, totalMicros=3000.0, publishedMs=1_700_000_001_000).SerializeToString())
+        service.view.ingest(f"{HOSTILE_JOB}/{HOSTILE_TYPE}", ModelStats(
+            job=HOSTILE_JOB, dataType=HOSTILE_TYPE, part=-1, hasModel=False, noModel=4,
+            publishedMs=1_700_000_001_000).SerializeToString())
+        with Browser.launch(chromium) as browser:
+            page = browser.new_page(1400, 900)
+            page.goto(service.url + "/?refresh=0.5")
+            rows = page.wait_for("""(() => {
+                const rows = [...document.querySelectorAll("tr[data-job]")];
+                return rows.length === 2 ? rows.map(r => [r.getAttribute("data-type"),
+                    r.getAttribute("data-job"), r.querySelector("td.model-name").textContent]) : null;
+            })()""", 30, "both rows of the hostile data type")
+            assert sorted(rows) == sorted([[HOSTILE_TYPE, HOSTILE_JOB, "(no model)"],
+                                           [HOSTILE_TYPE, "keyed", HOSTILE_MODEL]])
+            assert page.evaluate("document.querySelector('section.data-type h2').textContent") == HOSTILE_TYPE
+            page.click("details.history summary")
+            entry = page.wait_for("(document.querySelector('details[open] li.history-entry') || {}).textContent",
+                                  10, "the open history")
+            assert entry.startswith(f"keyed: {HOSTILE_MODEL} v1 (ONNX)")
+            text = page.text()
+            assert HOSTILE_TYPE in text and HOSTILE_MODEL in text and HOSTILE_JOB in text
+            # nothing was interpreted: one script (the page's own), no image, no injected element
+            assert page.evaluate("""[document.scripts.length, document.images.length,
+                                     !!document.getElementById("injected"),
+                                     window.__injected === undefined]""") == [1, 0, False, True]
+            assert page.errors() == []
+            print(f"\nstate page with hostile names: {page.screenshot(screenshot_path('state-page-hostile-names'))}")
+    finally:
+        service.stop()
 
 
 def pick_metric(page, metric: str, attempts: int = 3) -> bool:
@@ -73,8 +118,7 @@ def test_state_page_and_flink_web_ui_show_the_model_and_its_metric(chromium, ser
     """
     model = serving.models[ModelType.ONNX]
     process = serving.process
-    service = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic,
-                           refresh_s=1.0).start()
+    service = StateService(serving.settings, port=0).start()
     try:
         service.wait_ready(60)
         rows = serving.publish_and_score(model, DATA_TYPE, "browser", 30)
@@ -87,7 +131,7 @@ def test_state_page_and_flink_web_ui_show_the_model_and_its_metric(chromium, ser
             page = browser.new_page(1400, 900)
 
             # -- the state page (it refreshes itself until the published usage catches up)
-            page.goto(service.url + "/")
+            page.goto(service.url + "/?refresh=1")
             row = f'tr[data-type="{DATA_TYPE}"][data-job="{serving.settings.job_name}"]'
             shown = page.wait_for(f"""(() => {{
                 const row = document.querySelector({json.dumps(row)});

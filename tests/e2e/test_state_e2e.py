@@ -1,22 +1,17 @@
 """The live model state: a running job publishes statistics, the state service answers."""
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
 
+from modelserving.local.http import HttpError, get_json
 from modelserving.state.service import StateService
 from protos import ModelType, ServingResult
 
 pytestmark = pytest.mark.e2e
 
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 def get(url: str):
-    with NO_PROXY.open(url, timeout=5) as answer:
-        return json.load(answer)
+    return get_json(url, timeout_s=5)
 
 
 def scored_by(serving, data_type: str, model_name: str) -> int:
@@ -44,7 +39,7 @@ def wait_for_usage(serving, service, data_type: str, model) -> dict:
 def test_state_service_follows_models_and_usage_and_survives_its_restart(serving):
     data_type = "stats-type"
     model_a, model_b = serving.models[ModelType.ONNX], serving.models[ModelType.PMML]
-    service = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic).start()
+    service = StateService(serving.settings, port=0).start()
     try:
         service.wait_ready(60)
         serving.publish_and_score(model_a, data_type, "stats-a", 25)
@@ -60,13 +55,13 @@ def test_state_service_follows_models_and_usage_and_survives_its_restart(serving
         assert [h["name"] for h in history][:2] == [model_b.name, model_a.name]
         assert history[1]["usage"] == scored_by(serving, data_type, model_a.name)
         before = get(f"{service.url}/state/{data_type}")
-        with pytest.raises(urllib.error.HTTPError) as missing:
-            NO_PROXY.open(f"{service.url}/state/no-such-type", timeout=5)
-        assert missing.value.code == 404
+        with pytest.raises(HttpError) as missing:
+            get(f"{service.url}/state/no-such-type")
+        assert missing.value.status == 404
     finally:
         service.stop()
 
-    restarted = StateService(serving.settings.bootstrap_servers, topic=serving.settings.state_topic).start()
+    restarted = StateService(serving.settings, port=0).start()
     try:
         restarted.wait_ready(60)
         after = get(f"{restarted.url}/state/{data_type}")

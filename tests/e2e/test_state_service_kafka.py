@@ -12,6 +12,8 @@ import uuid
 import pytest
 from kafka import KafkaProducer
 
+from jobs.kafka_config import kafka_python
+from jobs.settings import Settings
 from modelserving.kafka.admin import ensure_topics
 from modelserving.state.service import StateService
 from protos import ModelStats, ModelType
@@ -61,6 +63,12 @@ def models(service: StateService) -> dict:
     return answer
 
 
+def settings_for(kafka_broker, topic: str = "model-state") -> Settings:
+    """The settings of a test's clients: the session's broker and the test's own state topic."""
+    return Settings.from_sources([], environ={}, bootstrap_servers=kafka_broker.bootstrap,
+                                 state_topic=topic)
+
+
 @pytest.fixture
 def topic(kafka_broker):
     name = f"model-state-{uuid.uuid4().hex[:8]}"
@@ -70,7 +78,7 @@ def topic(kafka_broker):
 
 @pytest.fixture
 def producer(kafka_broker):
-    kafka = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", linger_ms=2)
+    kafka = KafkaProducer(**kafka_python(settings_for(kafka_broker), acks="all", linger_ms=2))
     yield kafka
     kafka.close()
 
@@ -86,7 +94,7 @@ def test_serves_the_topic_and_rebuilds_after_restart(kafka_broker, topic, produc
                                                     total_us=9000.0, min_us=1000.0, max_us=2000.0))
     send(producer, topic, "keyed/iris", stats("keyed", "iris", model="tree"))
 
-    first = StateService(kafka_broker.bootstrap, topic, port=0).start()
+    first = StateService(settings_for(kafka_broker, topic), port=0).start()
     try:
         assert first.wait_ready(30), get(first.url + "/health")
         status, health = get(first.url + "/health")
@@ -131,7 +139,7 @@ def test_serves_the_topic_and_rebuilds_after_restart(kafka_broker, topic, produc
     finally:
         first.stop()
 
-    second = StateService(kafka_broker.bootstrap, topic, port=0).start()
+    second = StateService(settings_for(kafka_broker, topic), port=0).start()
     try:
         assert second.wait_ready(30), get(second.url + "/health")
         assert models(second) == before_restart
@@ -143,8 +151,8 @@ def test_serves_the_topic_and_rebuilds_after_restart(kafka_broker, topic, produc
 
 def test_only_committed_transactions_are_shown(kafka_broker, topic, producer):
     send(producer, topic, "keyed/wine", stats("keyed", "wine", usage=1))
-    transactional = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap,
-                                  transactional_id=f"state-test-{uuid.uuid4().hex[:6]}")
+    transactional = KafkaProducer(**kafka_python(settings_for(kafka_broker, topic),
+                                                 transactional_id=f"state-test-{uuid.uuid4().hex[:6]}"))
     try:
         transactional.init_transactions()
         transactional.begin_transaction()
@@ -156,7 +164,7 @@ def test_only_committed_transactions_are_shown(kafka_broker, topic, producer):
         transactional.commit_transaction()
     finally:
         transactional.close()
-    with StateService(kafka_broker.bootstrap, topic, port=0) as service:
+    with StateService(settings_for(kafka_broker, topic), port=0) as service:
         assert service.wait_ready(30), get(service.url + "/health")
         eventually(lambda: get(service.url + "/state/wine")[1]["jobs"]["keyed"]["stats"]["usage"] == 7,
                    what="the committed update")
@@ -165,7 +173,7 @@ def test_only_committed_transactions_are_shown(kafka_broker, topic, producer):
 
 def test_waits_for_a_missing_topic(kafka_broker, producer):
     name = f"model-state-{uuid.uuid4().hex[:8]}"
-    with StateService(kafka_broker.bootstrap, name, port=0) as service:
+    with StateService(settings_for(kafka_broker, name), port=0) as service:
         status, health = get(service.url + "/health")
         assert status == 503 and health["status"] in ("starting", "connecting", "waiting_for_topic")
         eventually(lambda: get(service.url + "/health")[1]["status"] == "waiting_for_topic",
