@@ -2,8 +2,12 @@
 
 Each field is set, from highest to lowest precedence, by a command-line option
 (``--data-topic mdata``), an environment variable (``MODELSERVING_DATA_TOPIC=mdata``) or its
-default. Lists (``model_dirs``) are comma-separated in both. Secrets (SASL passwords) are
-read only from the environment or a properties file, and never logged.
+default. Lists (``model_dirs``) are comma-separated in both; yes/no values accept
+true/false, yes/no, on/off, 1/0. Every value is converted to its field's type on the way in,
+and anything that cannot be right is a ``SettingsError`` whose one-line message names the
+setting and where the value came from. Secrets (SASL passwords) are read only from the
+environment or a properties file (a command line is visible to every user of the machine),
+and are never logged: ``describe()`` masks them and ``repr()`` leaves them out.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ class _SettingsParser(argparse.ArgumentParser):
 
 def _setting(default, help_text: str, *, secret: bool = False, choices=None):
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help_text, "secret": secret, "choices": choices}, **kwargs)
+    # secrets stay out of repr(): settings end up in assertion messages and tracebacks
+    return field(metadata={"help": help_text, "secret": secret, "choices": choices},
+                 repr=not secret, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -119,13 +125,12 @@ class Settings:
     sasl_username: str = _setting("", "SASL user name")
     sasl_password: str = _setting(
         "", "SASL password: give it in the environment (MODELSERVING_SASL_PASSWORD) or the "
-        "properties file, never on the command line", secret=True)
+        "properties file; refused on the command line", secret=True)
     ssl_cafile: str = _setting("", "PEM file of the CA that signed the brokers' certificates")
     kafka_properties_file: str = _setting(
         "", "Java properties file with Kafka client settings (security.protocol, sasl.mechanism, "
         "sasl.jaas.config, ...): every client understands the security ones, the Flink connector "
-        "gets every key; secrets belong here or in the environment, never on the command line",
-        secret=True)
+        "gets every key; secrets belong here or in the environment, never on the command line")
 
     # -- construction ---------------------------------------------------------------------
 
@@ -138,16 +143,23 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict = {}
         for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+            variable = ENV_PREFIX + f.name.upper()
+            raw = environ.get(variable)
             if raw is not None:
-                values[f.name] = _convert(f, raw)
+                values[f.name] = _convert(f, raw, variable)
         if argv is not None:
             parser = cls.argument_parser(_SettingsParser(prog=prog, add_help=bool(prog)))
             parsed = parser.parse_args(list(argv))
             for f in fields(cls):
                 raw = getattr(parsed, f.name)
-                if raw is not None:
-                    values[f.name] = _convert(f, raw)
+                if raw is None:
+                    continue
+                option = "--" + f.name.replace("_", "-")
+                if f.metadata.get("secret"):
+                    raise SettingsError(f"{f.name} is a secret and is refused on the command line "
+                                        f"({option}): set {ENV_PREFIX}{f.name.upper()} or put it "
+                                        "in kafka_properties_file")
+                values[f.name] = _convert(f, raw, option)
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
@@ -163,11 +175,26 @@ class Settings:
         return parser
 
     def validate(self) -> None:
+        """Raise ``SettingsError`` for a value of the wrong type or one that cannot work."""
         for f in fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(f, value):
+                raise SettingsError(f"{f.name} must be {_TYPE_WORDS.get(_kind(f), _kind(f))}, "
+                                    f"not {value!r} ({type(value).__name__})")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise SettingsError(f"{f.name} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
+        for name in ("parallelism", "checkpoint_interval_ms", "max_model_bytes"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.stats_interval_ms <= 0:
+            raise SettingsError(f"stats_interval_ms must be positive, not {self.stats_interval_ms}")
+        if not 0 <= self.rest_port <= 65535:
+            raise SettingsError(f"rest_port must be a TCP port (0-65535), not {self.rest_port}")
+        if self.buffer_timeout_ms < -1:
+            raise SettingsError("buffer_timeout_ms must be -1 (only full buffers are sent), 0 or "
+                                f"more, not {self.buffer_timeout_ms}")
         if self.spread_keys <= 0:
             raise SettingsError("spread_keys must be positive")
         if self.batch_max_size <= 0 or self.batch_max_wait_ms < 0:
@@ -207,29 +234,56 @@ class Settings:
         return tuple(Path(d).expanduser().resolve() for d in self.model_dirs if d)
 
 
-def _convert(f: dataclasses.Field, raw):
-    """A setting's raw text (or argparse value) as the field's type."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+def _kind(f: dataclasses.Field) -> str:
+    """The field's annotation as text (annotations are strings here: postponed evaluation)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "yes or no",
+               "str": "text", "tuple[str, ...]": "a comma-separated list"}
+
+
+def _has_type(f: dataclasses.Field, value) -> bool:
+    kind = _kind(f)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "tuple[str, ...]":
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    raise TypeError(f"setting {f.name} has a type settings cannot check: {kind}")
+
+
+def _convert(f: dataclasses.Field, raw, source: str = ""):
+    """A setting's raw text (from a variable or an option) as the field's type; ``source``
+    names where it came from, for the error message."""
+    kind = _kind(f)
+    text = raw.strip() if isinstance(raw, str) else raw
     try:
         if kind == "int":
-            return int(raw)
+            return int(text)
         if kind == "float":
-            return float(raw)
+            return float(text)
         if kind == "bool":
             if isinstance(raw, bool):
                 return raw
-            text = str(raw).strip().lower()
-            if text in _TRUE or text in _FALSE:
-                return text in _TRUE
-            raise SettingsError(f"not a yes/no value: {raw!r}")
+            lowered = str(text).lower()
+            if lowered in _TRUE or lowered in _FALSE:
+                return lowered in _TRUE
+            raise ValueError(raw)
         if kind == "tuple[str, ...]":
             if isinstance(raw, (list, tuple)):
-                return tuple(raw)
+                return tuple(str(part) for part in raw)
             return tuple(part.strip() for part in str(raw).split(",") if part.strip())
         if kind == "str":
             return str(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{f.name}: {exc}") from None
+    except (TypeError, ValueError):
+        where = f" (from {source})" if source else ""
+        raise SettingsError(f"{f.name} must be {_TYPE_WORDS[kind]}, not {raw!r}{where}") from None
     raise TypeError(f"setting {f.name} has a type settings cannot convert: {kind}")
 
 
