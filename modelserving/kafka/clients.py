@@ -3,6 +3,10 @@
 Records are written as the tutorial's ``WineRecord`` for data type "wine" with the eleven wine
 features, and as ``DataRecord`` (named features) for anything else. Models are keyed by data
 type, so a compacted models topic keeps the latest model of each.
+
+Clients are configured from ``Settings`` through ``jobs.kafka_config.kafka_python``, so a
+secured cluster works here as for every other client; failures leave as one-line
+``KafkaToolError``s (``modelserving.kafka.failures``).
 """
 from __future__ import annotations
 
@@ -20,12 +24,19 @@ from kafka import KafkaConsumer, KafkaProducer
 from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES, WINE_PROTO_FIELDS
 
-from modelserving.kafka.admin import MAX_MESSAGE_BYTES
+from jobs.kafka_config import MAX_MESSAGE_BYTES, kafka_python
+from modelserving.errors import KafkaToolError
+from modelserving.kafka.failures import CONNECT_TIMEOUT_MS, translated
 
 
-def producer(bootstrap_servers: str, **config) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5,
-                         max_request_size=MAX_MESSAGE_BYTES, **config)
+def producer(settings, **overrides) -> KafkaProducer:
+    """A connected producer (acks=all, models up to ``MAX_MESSAGE_BYTES``); ``overrides``
+    are kafka-python producer options."""
+    config = kafka_python(settings, **{"acks": "all", "linger_ms": 5,
+                                       "max_request_size": MAX_MESSAGE_BYTES,
+                                       "bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, **overrides})
+    with translated("connecting a producer", config):
+        return KafkaProducer(**config)
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -66,7 +77,8 @@ def model_descriptor(path: Path | str, data_type: str, *, name: str = "", versio
 def publish_model(kafka: KafkaProducer, topic: str, descriptor: ModelDescriptor) -> None:
     if not descriptor.publishedMs:
         descriptor.publishedMs = int(time.time() * 1000)
-    kafka.send(topic, key=descriptor.dataType.encode(), value=descriptor.SerializeToString()).get(30)
+    with translated(f"publishing model {descriptor.name!r} to {topic}", kafka.config):
+        kafka.send(topic, key=descriptor.dataType.encode(), value=descriptor.SerializeToString()).get(30)
 
 
 # -- records --------------------------------------------------------------------------------
@@ -125,32 +137,38 @@ def publish_records(kafka: KafkaProducer, topic: str, rows: Iterable[Row], rate:
     started = time.monotonic()
     sent = 0
     run = uuid.uuid4().hex[:6]
-    for row in source:
-        if count and sent >= count:
-            break
-        if rate > 0:
-            delay = started + sent / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        if loop:
-            row = Row(row.data_type, row.names, row.values, f"{row.record_id}-{run}-{sent}")
-        kafka.send(topic, key=row.data_type.encode(), value=encode_record(row))
-        sent += 1
-        if progress and sent % 100 == 0:
-            progress(sent)
-    kafka.flush()
+    with translated(f"publishing records to {topic}", kafka.config):
+        for row in source:
+            if count and sent >= count:
+                break
+            if rate > 0:
+                delay = started + sent / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            if loop:
+                row = Row(row.data_type, row.names, row.values, f"{row.record_id}-{run}-{sent}")
+            kafka.send(topic, key=row.data_type.encode(), value=encode_record(row))
+            sent += 1
+            if progress and sent % 100 == 0:
+                progress(sent)
+        kafka.flush()
     return sent
 
 
 # -- following results ----------------------------------------------------------------------
 
-def consumer(bootstrap_servers: str, topics: Sequence[str], from_beginning: bool = True,
-             read_committed: bool = True, **config) -> KafkaConsumer:
-    return KafkaConsumer(*topics, bootstrap_servers=bootstrap_servers, group_id=None,
-                         auto_offset_reset="earliest" if from_beginning else "latest",
-                         isolation_level="read_committed" if read_committed else "read_uncommitted",
-                         enable_auto_commit=False, fetch_max_bytes=MAX_MESSAGE_BYTES,
-                         max_partition_fetch_bytes=MAX_MESSAGE_BYTES, **config)
+def consumer(settings, topics: Sequence[str], from_beginning: bool = True,
+             read_committed: bool = True, **overrides) -> KafkaConsumer:
+    """A connected consumer of ``topics`` without a group (every reader sees everything);
+    ``overrides`` are kafka-python consumer options."""
+    config = kafka_python(settings, **{
+        "group_id": None, "auto_offset_reset": "earliest" if from_beginning else "latest",
+        "isolation_level": "read_committed" if read_committed else "read_uncommitted",
+        "enable_auto_commit": False, "fetch_max_bytes": MAX_MESSAGE_BYTES,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+        "bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, **overrides})
+    with translated(f"connecting a consumer of {', '.join(topics)}", config):
+        return KafkaConsumer(*topics, **config)
 
 
 def decode(topic: str, value: bytes, dead_letter_topic: str):
@@ -162,7 +180,8 @@ def follow(kafka: KafkaConsumer, dead_letter_topic: str, timeout_s: float | None
     """(topic, decoded message) as they arrive; stops after ``timeout_s`` without messages."""
     idle_since = time.monotonic()
     while True:
-        batch = kafka.poll(timeout_ms=poll_ms)
+        with translated("reading results", kafka.config):
+            batch = kafka.poll(timeout_ms=poll_ms)
         if batch:
             idle_since = time.monotonic()
         for partition, messages in batch.items():
@@ -204,26 +223,46 @@ def demo_rows(seed: int = 7) -> list[Row]:
 
 class OutputFollower(threading.Thread):
     """Reads a job's results and dead-letter topics in the background (read_committed) and
-    hands every decoded message to ``handle``; ``stop()`` ends it."""
+    hands every decoded message to ``handle``; ``stop()`` ends it.
 
-    def __init__(self, bootstrap_servers: str, results_topic: str, dead_letter_topic: str):
+    ``start()`` returns once the consumer is connected and raises ``KafkaToolError`` when
+    it cannot connect; a failure later on ends the thread and is kept in ``error``."""
+
+    def __init__(self, settings, results_topic: str | None = None,
+                 dead_letter_topic: str | None = None):
         super().__init__(daemon=True)
-        self.bootstrap_servers = bootstrap_servers
-        self.topics = [results_topic, dead_letter_topic]
-        self.dead_letter_topic = dead_letter_topic
+        self.settings = settings
+        self.dead_letter_topic = dead_letter_topic or settings.dead_letter_topic
+        self.topics = [results_topic or settings.results_topic, self.dead_letter_topic]
         self.stopped = threading.Event()
+        self.error: KafkaToolError | None = None
+        self._connected = threading.Event()
 
     def handle(self, message) -> None:
         raise NotImplementedError
 
+    def start(self) -> None:
+        super().start()
+        self._connected.wait()
+        if self.error is not None:
+            raise self.error
+
     def run(self) -> None:
-        kafka = consumer(self.bootstrap_servers, self.topics)
+        try:
+            kafka = consumer(self.settings, self.topics)
+        except KafkaToolError as exc:
+            self.error = exc
+            return
+        finally:
+            self._connected.set()
         try:
             while not self.stopped.is_set():
                 for _, message in follow(kafka, self.dead_letter_topic, timeout_s=0.3):
                     self.handle(message)
                     if self.stopped.is_set():
                         break
+        except KafkaToolError as exc:
+            self.error = exc
         finally:
             kafka.close()
 
