@@ -6,8 +6,12 @@ kafka-python producer. It uses the same model runtimes (onnxruntime, TensorFlow,
 as the jobs; what it lacks is everything Flink adds (state, checkpoints, parallelism,
 failure recovery, metrics).
 
-    python -m modelserving.bench.plain_loop --bootstrap 127.0.0.1:9092 --data-topic d --models-topic m \
-        --results-topic r --model-dirs var/models
+    python -m modelserving.bench.plain_loop --bootstrap-servers 127.0.0.1:9092 --data-topic d \
+        --models-topic m --results-topic r --model-dirs var/models
+
+Kafka access and topics are job settings (options or ``MODELSERVING_*`` variables), so the
+clients are configured like every other one (``jobs.kafka_config``); the consumer group is
+``group_id`` (default bench-plain-loop). The loop's own option is ``--max-poll-records``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 
+from jobs.kafka_config import MAX_MESSAGE_BYTES, kafka_python
+from jobs.settings import Settings
 from protos import DataRecord, ModelDescriptor, ServingResult
 from udfs.models import load_request
 from udfs.records import to_batch
@@ -28,14 +34,13 @@ from udfs.runtimes import load_model
 log = logging.getLogger("plain-loop")
 
 
-def serve(args) -> None:
-    consumer = KafkaConsumer(args.data_topic, args.models_topic, bootstrap_servers=args.bootstrap,
-                             group_id=args.group_id, auto_offset_reset="earliest",
-                             enable_auto_commit=True, max_poll_records=args.max_poll_records,
-                             fetch_max_wait_ms=5)
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks=1, linger_ms=2,
-                             batch_size=256 * 1024)
-    model_dirs = [Path(d).resolve() for d in args.model_dirs.split(",") if d]
+def serve(settings: Settings, group_id: str, max_poll_records: int) -> None:
+    consumer = KafkaConsumer(settings.data_topic, settings.models_topic, **kafka_python(
+        settings, group_id=group_id, auto_offset_reset="earliest", enable_auto_commit=True,
+        max_poll_records=max_poll_records, fetch_max_wait_ms=5,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES, fetch_max_bytes=MAX_MESSAGE_BYTES))
+    producer = KafkaProducer(**kafka_python(settings, acks=1, linger_ms=2, batch_size=256 * 1024))
+    model_dirs = list(settings.resolved_model_dirs())
     models = {}                  # data type -> (descriptor, runtime)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -43,7 +48,7 @@ def serve(args) -> None:
         polled = consumer.poll(timeout_ms=100)
         by_type: dict[str, list[DataRecord]] = {}
         for partition, messages in polled.items():
-            if partition.topic == args.models_topic:
+            if partition.topic == settings.models_topic:
                 for message in messages:
                     install(models, message.value, model_dirs)
                 continue
@@ -70,7 +75,7 @@ def serve(args) -> None:
                     modelType=descriptor.modeltype, score=prediction.value, label=prediction.label,
                     probabilities=prediction.probabilities, classLabels=prediction.class_labels,
                     scoringMicros=micros, servedMs=served)
-                producer.send(args.results_topic, result.SerializeToString())
+                producer.send(settings.results_topic, result.SerializeToString())
     consumer.close()
     producer.close()
 
@@ -87,18 +92,15 @@ def install(models: dict, raw: bytes, model_dirs) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modelserving.bench.plain_loop")
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--data-topic", required=True)
-    parser.add_argument("--models-topic", required=True)
-    parser.add_argument("--results-topic", required=True)
-    parser.add_argument("--group-id", default="bench-plain-loop")
-    parser.add_argument("--model-dirs", default="")
+    parser = argparse.ArgumentParser(prog="python -m modelserving.bench.plain_loop",
+                                     description="job settings (--bootstrap-servers, --data-topic, "
+                                     "...) are accepted too")
     parser.add_argument("--max-poll-records", type=int, default=500)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    settings = Settings.from_sources(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     np.seterr(all="ignore")
-    serve(args)
+    serve(settings, settings.group_id or "bench-plain-loop", args.max_poll_records)
 
 
 if __name__ == "__main__":

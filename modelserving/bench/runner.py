@@ -30,7 +30,8 @@ from pathlib import Path
 from jobs.settings import Settings
 from modelserving.kafka.clients import demo_rows
 from modelserving.kafka.admin import ensure_topics
-from modelserving.local.kafka_broker import LocalKafka, free_ports
+from modelserving.local.kafka_broker import LocalKafka
+from modelserving.local.processes import free_ports
 from modelserving.local.job_process import PROJECT_ROOT, JobProcess
 from modelserving.demo.training import TrainedModel, descriptor_for, load_manifest, train_all
 from protos import ModelType, ServingResult
@@ -135,11 +136,11 @@ class System:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        ensure_topics(self.bench.bootstrap, [self.data_topic, self.models_topic,
-                                             self.dead_letter_topic, self.results_topic],
+        ensure_topics(self.bench.kafka_settings, [self.data_topic, self.models_topic,
+                                                  self.dead_letter_topic, self.results_topic],
                       compacted=[self.state_topic], partitions=2,
                       configs={self.results_topic: workload.result_topic_configs()})
-        self.collector = ResultCollector(self.bench.bootstrap, self.results_topic)
+        self.collector = ResultCollector(self.bench.kafka_settings, self.results_topic)
         self.collector.start()
         if not self.collector.ready.wait(30):
             raise RuntimeError(f"no assignment for {self.results_topic}")
@@ -150,8 +151,8 @@ class System:
         self.process.start()  # assigned first, so stop() ends a process that never got ready
 
     def job_settings(self) -> Settings:
-        return self.bench.settings.replace(
-            bootstrap_servers=self.bench.bootstrap, data_topic=self.data_topic,
+        return self.bench.kafka_settings.replace(
+            data_topic=self.data_topic,
             models_topic=self.models_topic, results_topic=self.results_topic,
             dead_letter_topic=self.dead_letter_topic, state_topic=self.state_topic,
             data_starting_offsets="earliest", group_id="", job_name="",
@@ -170,14 +171,14 @@ class PlainLoopProcess:
         self.system, self.log_path = system, log_path
 
     def start(self) -> "PlainLoopProcess":
-        s = self.system
+        """The loop gets its settings as MODELSERVING_* variables, as a job does (secrets
+        stay off the command line)."""
         self.log = open(self.log_path, "w")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "modelserving.bench.plain_loop", "--bootstrap", s.bench.bootstrap,
-             "--data-topic", s.data_topic, "--models-topic", s.models_topic,
-             "--results-topic", s.results_topic, "--model-dirs", str(s.bench.models_dir)],
+            [sys.executable, "-m", "modelserving.bench.plain_loop"],
             cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, start_new_session=True)
+            env={**os.environ, **self.system.job_settings().to_environ(),
+                 "PYTHONPATH": str(PROJECT_ROOT)}, start_new_session=True)
         return self
 
     def stop(self) -> None:
@@ -205,6 +206,7 @@ class Bench:
         self.models_dir = self.work_dir / "models"
         self.rows = [dict(zip(r.names, r.values)) for r in demo_rows()]
         self.producer = None
+        self.kafka_settings: Settings | None = None   # the settings pointed at the bench's broker
         self.trial_counter = 0
 
     # -- the whole run ------------------------------------------------------------------
@@ -230,8 +232,8 @@ class Bench:
         port, controller = free_ports(2)
         with LocalKafka(kafka_dir, port=port, controller_port=controller, heap="768m",
                         die_with_parent=True) as kafka:
-            self.bootstrap = kafka.bootstrap
-            self.producer = new_producer(self.bootstrap)
+            self.kafka_settings = kafka.client_settings(self.settings)
+            self.producer = new_producer(self.kafka_settings)
             for name in self.systems:
                 if name == "in-process":
                     continue
@@ -389,7 +391,7 @@ class Bench:
         trial = self.next_trial("sw")
 
         def flow():
-            producer = new_producer(self.bootstrap)
+            producer = new_producer(self.kafka_settings)
             i = 0
             while not stop.is_set():
                 produce(producer, system.data_topic, template, f"{trial}x{i}", 20, self.plan.switch_rate)

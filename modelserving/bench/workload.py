@@ -7,7 +7,8 @@ result - first creation). The first 25% of a trial's records are warm-up and lef
 
 The load generator and the collector use librdkafka (confluent-kafka): on two cores, every
 CPU cycle the harness spends is taken from the system under test, and kafka-python costs
-several times more per message.
+several times more per message. Both are configured from ``Settings`` through
+``jobs.kafka_config.confluent``, like every other client of the project.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, Producer
 
+from jobs.kafka_config import MAX_MESSAGE_BYTES, confluent
 from protos import DataRecord, ServingResult
 
 WARM_UP_FRACTION = 0.25
@@ -47,9 +49,11 @@ class RecordTemplate:
         return message.SerializeToString()
 
 
-def new_producer(bootstrap: str) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "acks": "1", "linger.ms": 2,
-                     "enable.idempotence": False, "queue.buffering.max.messages": 1_000_000})
+def new_producer(settings) -> Producer:
+    """The load generator's producer: leader acks only, 2 ms batches, a deep queue."""
+    return Producer(confluent(settings, **{
+        "acks": "1", "linger.ms": 2, "enable.idempotence": False,
+        "queue.buffering.max.messages": 1_000_000, "message.max.bytes": MAX_MESSAGE_BYTES}))
 
 
 @dataclass
@@ -90,11 +94,11 @@ class ResultCollector(threading.Thread):
     """Reads a results topic from its end, keeping (append time, bytes) until told to stop;
     parsing waits until a trial is over, so collecting stays cheap."""
 
-    def __init__(self, bootstrap: str, topic: str):
+    def __init__(self, settings, topic: str):
         super().__init__(daemon=True, name=f"collect-{topic}")
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{topic}",
-                                  "auto.offset.reset": "latest", "enable.auto.commit": False,
-                                  "fetch.wait.max.ms": 10})
+        self.consumer = Consumer(confluent(settings, **{
+            "group.id": f"bench-{topic}", "auto.offset.reset": "latest",
+            "enable.auto.commit": False, "fetch.wait.max.ms": 10}))
         self.consumer.subscribe([topic], on_assign=lambda *_: self.ready.set())
         self._lock = threading.Lock()
         self._items: list[tuple[int, bytes]] = []
