@@ -15,29 +15,25 @@ from functools import partial
 from pyflink.common import Types
 from pyflink.datastream import DataStream
 
+from jobs.kafka_config import kafka_python
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.flink.joins import (
-    BYTES,
-    DEAD_LETTERS,
-    MODEL_DESCRIPTORS,
-    MODEL_IDS,
-    BroadcastServing,
-    balanced_spread_keys,
-    spread_key,
-)
+from udfs.flink.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
+from udfs.flink.keys import balanced_spread_keys, spread_key
 
 JOB = "broadcast"
 
 
 def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
-    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out."""
+    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out. The
+    statistics producer's configuration is computed here, on the client."""
+    serving = BroadcastServing(settings, kafka_python(settings, acks=1, linger_ms=100))
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
     parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)
     results = data.key_by(partial(spread_key, keys=keys), key_type=Types.INT()) \
         .connect(broadcast_models) \
-        .process(BroadcastServing(settings), output_type=BYTES) \
+        .process(serving, output_type=BYTES) \
         .name("serve models (broadcast)").uid("broadcast-serving")
     return results, results.get_side_output(DEAD_LETTERS)
 

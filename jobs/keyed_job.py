@@ -12,9 +12,11 @@ import sys
 from pyflink.common import Types
 from pyflink.datastream import DataStream
 
+from jobs.kafka_config import kafka_python
 from jobs.pipeline import run_job
 from jobs.settings import Settings
-from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing, model_data_type
+from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing
+from udfs.flink.keys import model_data_type
 from udfs.records import record_data_type
 
 JOB = "keyed"
@@ -25,10 +27,12 @@ def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> 
 
     The key selectors read the data type straight from the bytes; the join gets the bytes
     and the key, so a record crosses into Python once before the shuffle and once to be
-    scored, with nothing but its bytes in either crossing."""
+    scored, with nothing but its bytes in either crossing. The statistics producer's
+    configuration is computed here, on the client, with every Kafka security setting."""
+    serving = KeyedServing(settings, kafka_python(settings, acks=1, linger_ms=100))
     results = data.connect(models) \
         .key_by(record_data_type, model_data_type, key_type=Types.STRING()) \
-        .process(KeyedServing(settings), output_type=BYTES) \
+        .process(serving, output_type=BYTES) \
         .name("serve models (keyed by data type)").uid("keyed-serving")
     return results, results.get_side_output(DEAD_LETTERS)
 

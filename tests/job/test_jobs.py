@@ -177,12 +177,12 @@ def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, 
 
 def test_spreading_keys_reach_every_instance_evenly(settings):
     """The broadcast job's spreading keys are chosen by Flink's key-group arithmetic
-    (reimplemented in udfs.flink.joins); Flink itself must route them the way it says."""
+    (reimplemented in udfs.flink.keys); Flink itself must route them the way it says."""
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
 
     from jobs.pipeline import create_environment
-    from udfs.flink.joins import balanced_spread_keys, key_group_of
+    from udfs.flink.keys import balanced_spread_keys, key_group_of
 
     class WhereAmI(KeyedProcessFunction):
         def open(self, runtime_context):

@@ -6,12 +6,15 @@ Two joins share everything but where the current model lives:
 - broadcast: every model goes to every parallel instance and lives in broadcast state
   (a map data type -> descriptor); records are spread over all instances.
 Both keep descriptor bytes in state (never live model objects) plus a short model id, and
-a transient per-subtask cache of loaded models.
+a transient per-subtask cache of loaded models. Keys, metrics, micro-batching and the
+statistics producer have modules of their own next to this one.
+
+State names and the output tag are part of savepoints and of the jobs' wiring: renaming
+one makes a savepoint unreadable.
 """
 from __future__ import annotations
 
 import logging
-import zlib
 
 from pyflink.common import Types
 from pyflink.datastream import (
@@ -26,9 +29,12 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 from protos import ModelStats
 from udfs import statistics
 from udfs.errors import ModelError
-from udfs.models import parse_descriptor
+from udfs.flink.batching import MicroBatcher
+from udfs.flink.keys import subtask_index
+from udfs.flink.metrics import ServingMetrics
+from udfs.flink.publishing import StatsPublisher
 from udfs.records import record_data_type
-from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, ModelServer, Withdrawal, now_ms
+from udfs.serving import LoadedModel, ModelServer, Withdrawal
 
 log = logging.getLogger("modelserving")
 
@@ -43,218 +49,41 @@ MODEL_STATS = "model-stats"
 #: Keyed state of both joins when micro-batching: records received, not yet scored. They are
 #: in Flink state (not a Python list) so a checkpoint taken while they wait still holds them.
 PENDING_RECORDS = "pending-records"
-#: Event time of the end-of-input flush timer: only the final watermark of a bounded input
-#: reaches it (the Kafka jobs have no watermarks), so a finite stream never ends with records
-#: still waiting for their processing-time timer.
-END_OF_INPUT = 2 ** 62
-
-
-def subtask_index(runtime_context: RuntimeContext) -> int:
-    try:
-        return runtime_context.get_index_of_this_subtask()
-    except AttributeError:
-        # PyFlink 2.2 in thread mode asks the Java RuntimeContext for getIndexOfThisSubtask,
-        # which Flink 2 moved to its TaskInfo
-        return runtime_context._runtime_context.getTaskInfo().getIndexOfThisSubtask()
-
-
-def model_data_type(raw: bytes) -> str:
-    """Key of a model descriptor: its data type; "" when it does not parse (it is
-    dead-lettered by the join)."""
-    try:
-        return parse_descriptor(raw).dataType
-    except ModelError:
-        return ""
-
-
-def spread_key(raw: bytes, keys: tuple[int, ...]) -> int:
-    """Spreads the records of one data type over every parallel instance; a hash of the
-    bytes keeps a record's key stable across restarts."""
-    return keys[zlib.crc32(raw) % len(keys)]
-
-
-def _rotate_left(value: int, bits: int) -> int:
-    return ((value << bits) | (value >> (32 - bits))) & 0xFFFFFFFF
-
-
-def key_group_of(key: int, max_parallelism: int) -> int:
-    """Flink's key group of a PyFlink INT key: murmur3's mixing of the key's Java hashCode,
-    modulo the maximum parallelism. PyFlink keys by a one-field Row, whose hashCode is
-    key + 62; a job test checks the whole computation against Flink's own routing."""
-    h = (key + 62) & 0xFFFFFFFF
-    h = _rotate_left((h * 0xCC9E2D51) & 0xFFFFFFFF, 15)
-    h = _rotate_left((h * 0x1B873593) & 0xFFFFFFFF, 13)
-    h = (h * 5 + 0xE6546B64) & 0xFFFFFFFF
-    h ^= 4
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    h ^= h >> 16
-    signed = h - (1 << 32) if h & 0x80000000 else h
-    positive = -signed if signed != -(1 << 31) else 0
-    return (signed if signed >= 0 else positive) % max_parallelism
-
-
-def balanced_spread_keys(parallelism: int, per_instance: int, max_parallelism: int = 128) -> tuple[int, ...]:
-    """Spreading keys that Flink routes evenly: ``per_instance`` keys for every parallel
-    instance. Few keys mean full micro-batches (a batch is per key); keys picked blindly
-    could leave an instance with none."""
-    wanted = {index: [] for index in range(parallelism)}
-    key = 0
-    while any(len(keys) < per_instance for keys in wanted.values()):
-        index = key_group_of(key, max_parallelism) * parallelism // max_parallelism
-        if len(wanted[index]) < per_instance:
-            wanted[index].append(key)
-        key += 1
-    return tuple(k for index in range(parallelism) for k in wanted[index])
-
-
-class ServingMetrics:
-    """Counts under the operator's ``modelserving`` group, in total and per data type
-    (``modelserving.datatype.<type>.*``), plus the current model's version and age.
-
-    Counts are kept in Python and exposed as gauges, read when a bundle ends: PyFlink
-    (2.2, process mode) drops counter and distribution updates made while a timer fires,
-    and micro-batches are mostly scored from their flush timer."""
-
-    def __init__(self, runtime_context: RuntimeContext):
-        self.group = runtime_context.get_metrics_group().add_group("modelserving")
-        self.total = _Counters(self.group)
-        self.bad_models = _Count(self.group, "dead_letters_models")
-        self.models_loaded = _Count(self.group, "models_loaded")
-        self._per_type: dict[str, _Counters] = {}
-
-    def for_type(self, data_type: str) -> "_Counters":
-        counters = self._per_type.get(data_type)
-        if counters is None:
-            counters = _Counters(self.group.add_group("datatype", data_type or "(none)"), per_type=True)
-            self._per_type[data_type] = counters
-        return counters
-
-    def count(self, outcomes) -> None:
-        """Count a batch's outcomes."""
-        kinds: dict[tuple[str, str], list] = {}
-        for outcome in outcomes:
-            kinds.setdefault((outcome.data_type, outcome.kind), []).append(outcome)
-        for (data_type, kind), same in kinds.items():
-            self.total.count(kind, same)
-            self.for_type(data_type).count(kind, same)
-
-
-class _Count:
-    """A monotonic count, exposed as a gauge."""
-
-    def __init__(self, group, name: str):
-        self.value = 0
-        group.gauge(name, lambda: self.value)
-
-    def inc(self, n: int = 1) -> None:
-        self.value += n
-
-
-class _Counters:
-    def __init__(self, group, per_type: bool = False):
-        self.scored = _Count(group, "records_scored")
-        self.no_model = _Count(group, "records_no_model")
-        self.bad_records = _Count(group, "dead_letters_records")
-        self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records}
-        self._micros_total = 0.0
-        group.gauge("scoring_micros", lambda: int(self._micros_total / self.scored.value)
-                    if self.scored.value else 0)   # mean model time per scored record
-        self.model: LoadedModel | None = None
-        if per_type:
-            group.gauge("model_version", lambda: _numeric(self.model.info.version) if self.model else -1)
-            group.gauge("model_age_seconds",
-                        lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1)
-
-    def count(self, kind: str, outcomes) -> None:
-        self._by_kind[kind].inc(len(outcomes))
-        if kind == SCORED:
-            self._micros_total += sum(outcome.micros for outcome in outcomes)
-
-
-def _numeric(version: str) -> int:
-    """Gauges are numbers: a version like "3" or "v3" reads 3, anything else -1."""
-    digits = version.lstrip("vV")
-    return int(digits) if digits.isdigit() else -1
-
-
-class StatsPublisher:
-    """Sends ModelStats snapshots to the compacted state topic from the Python worker.
-
-    Statistics are snapshots (the last one per key wins), so at-least-once delivery is
-    enough; they go through a plain Kafka producer because PyFlink's Kafka sink cannot set a
-    record key from a Python element without a Java serializer. A failure to publish is
-    logged and never fails serving."""
-
-    RETRY_AFTER_MS = 30_000
-
-    def __init__(self, settings):
-        self.settings = settings
-        self._producer = None
-        self._failed_at = 0
-
-    def publish(self, key: str, value: bytes) -> None:
-        if not self.settings.state_topic:
-            return
-        try:
-            if self._producer is None:
-                if now_ms() - self._failed_at < self.RETRY_AFTER_MS:
-                    return
-                self._producer = self._connect()
-            self._producer.send(self.settings.state_topic, key=key.encode(), value=value)
-        except Exception as exc:  # statistics must never stop serving
-            log.warning("publishing statistics to %s failed: %s", self.settings.state_topic, exc)
-            self._failed_at, self._producer = now_ms(), None
-
-    def _connect(self):
-        from kafka import KafkaProducer
-
-        known = set(KafkaProducer.DEFAULT_CONFIG)
-        extra = {k.replace(".", "_"): v for k, v in self.settings.kafka_properties().items()
-                 if k.replace(".", "_") in known}
-        return KafkaProducer(bootstrap_servers=self.settings.bootstrap_servers, acks=1,
-                             linger_ms=100, **extra)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.close(timeout=5)
-            except Exception as exc:
-                log.warning("closing the statistics producer failed: %s", exc)
+#: Keyed state of both joins: processing time of the next statistics publication.
+STATS_TIMER = "stats-timer"
+#: Keyed state of the keyed join: the current model's id and descriptor bytes.
+MODEL_ID = "model-id"
+MODEL_DESCRIPTOR = "model-descriptor"
 
 
 class ServingJoin:
     """What both joins do with a record and with a model, whatever their state looks like."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, stats_producer: dict):
+        """``stats_producer``: kafka-python ``KafkaProducer`` arguments for the statistics,
+        computed by the job on the client (``jobs.kafka_config.kafka_python``)."""
         self.settings = settings
+        self.stats_producer = stats_producer
         self.server: ModelServer | None = None
 
     def open_serving(self, runtime_context: RuntimeContext) -> None:
         log.setLevel(self.settings.log_level)  # the worker's root logger forwards to Flink's log
         self.subtask = subtask_index(runtime_context)
         self.job = self.settings.job_name
-        self.publisher = StatsPublisher(self.settings)
+        self.publisher = StatsPublisher(self.settings.state_topic, self.stats_producer)
         self.stats = runtime_context.get_map_state(MapStateDescriptor(MODEL_STATS, Types.STRING(), BYTES))
-        self.stats_timer = runtime_context.get_state(ValueStateDescriptor("stats-timer", Types.LONG()))
+        self.stats_timer = runtime_context.get_state(ValueStateDescriptor(STATS_TIMER, Types.LONG()))
         self.server = ModelServer(model_dirs=self.settings.model_dirs,
                                   max_model_bytes=self.settings.max_model_bytes,
                                   max_inline_model_bytes=self.settings.max_inline_model_bytes,
                                   data_topic=self.settings.data_topic,
                                   models_topic=self.settings.models_topic, subtask=self.subtask)
         self.metrics = ServingMetrics(runtime_context)
-
-        self.batch_max_size = max(1, self.settings.batch_max_size)
-        self.pending = (runtime_context.get_list_state(ListStateDescriptor(PENDING_RECORDS, BYTES))
-                        if self.batch_max_size > 1 else None)
-        # key -> the records in its list state: scoring a batch reads them from here, sparing a
-        # state read (a round trip to the JVM); a key's state is read once after (re)start
-        self._pending_copy: dict = {}
-        self._pending_read: set = set()
-        self._flush_due: dict = {}        # key -> processing time of its registered flush timer
-        self._end_timers: set = set()     # keys whose end-of-input timer is registered
+        self.batcher: MicroBatcher | None = None
+        if self.settings.batch_max_size > 1:
+            pending = runtime_context.get_list_state(ListStateDescriptor(PENDING_RECORDS, BYTES))
+            self.batcher = MicroBatcher(pending, self.settings.batch_max_size,
+                                        self.settings.batch_max_wait_ms)
 
     def close(self):
         if self.server is not None:
@@ -277,47 +106,22 @@ class ServingJoin:
     def on_record(self, ctx, key, raw: bytes):
         """Score the record now (batching off), or add it to the key's pending batch, which is
         scored when it is full, when its wait is over, or before a model change (keyed)."""
-        if self.pending is None:
+        if self.batcher is None:
             yield from self.serve_batch(ctx, self.data_type_in(key, raw), self.part_of(key), [raw])
             return
-        batch = self._pending_records(key)
-        self.pending.add(raw)
-        batch.append(raw)
-        if len(batch) >= self.batch_max_size:
-            yield from self.flush(ctx, key)
-            return
-        if key not in self._flush_due:
-            timers = ctx.timer_service()
-            due = timers.current_processing_time() + self.settings.batch_max_wait_ms
-            timers.register_processing_time_timer(due)
-            self._flush_due[key] = due
-        if key not in self._end_timers:
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT)
-            self._end_timers.add(key)
+        yield from self.serve_pending(ctx, key, self.batcher.add(key, raw, ctx.timer_service()))
 
     def flush(self, ctx, key):
-        """Score everything pending for ``key``: one batch per data type, in arrival order."""
-        if self.pending is None:
-            return
-        raws = self._pending_records(key)
-        if not raws:
-            return
-        self._pending_copy[key] = []
-        self.pending.clear()
-        by_type: dict[str, list[bytes]] = {}
-        for raw in raws:
-            by_type.setdefault(self.data_type_in(key, raw), []).append(raw)
-        part = self.part_of(key)
-        for data_type, batch in by_type.items():
-            for start in range(0, len(batch), self.batch_max_size):
-                yield from self.serve_batch(ctx, data_type, part,
-                                            batch[start:start + self.batch_max_size])
+        """Score everything pending for ``key``."""
+        if self.batcher is not None:
+            yield from self.serve_pending(ctx, key, self.batcher.take(key))
 
-    def _pending_records(self, key) -> list[bytes]:
-        if key not in self._pending_read:   # first use since (re)start: records restored?
-            self._pending_copy[key] = list(self.pending.get() or ())
-            self._pending_read.add(key)
-        return self._pending_copy.setdefault(key, [])
+    def serve_pending(self, ctx, key, raws: list[bytes]):
+        """Score records of ``key`` taken from the batcher: one batch per data type, in
+        arrival order."""
+        part = self.part_of(key)
+        for data_type, batch in self.batcher.batches(raws, lambda raw: self.data_type_in(key, raw)):
+            yield from self.serve_batch(ctx, data_type, part, batch)
 
     def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]):
         """Yield the records' results, and dead letters on the side output; keep statistics."""
@@ -368,14 +172,11 @@ class ServingJoin:
     def on_timer(self, timestamp, ctx):
         key = ctx.get_current_key()
         if ctx.time_domain() == TimeDomain.EVENT_TIME:      # the end of a bounded input
-            self._end_timers.discard(key)
-            yield from self.flush(ctx, key)
+            if self.batcher is not None:
+                yield from self.serve_pending(ctx, key, self.batcher.on_end_of_input(key))
             return
-        due = self._flush_due.get(key)
-        if self.pending is not None and (due is None or due <= timestamp):
-            # (due is None after a restore: flushing early is harmless, losing a timer is not)
-            self._flush_due.pop(key, None)
-            yield from self.flush(ctx, key)
+        if self.batcher is not None:
+            yield from self.serve_pending(ctx, key, self.batcher.on_processing_timer(key, timestamp))
         stats_due = self.stats_timer.value()
         if stats_due is not None and stats_due <= timestamp:
             self.stats_timer.clear()
@@ -415,8 +216,8 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
-        self.model_id = runtime_context.get_state(ValueStateDescriptor("model-id", Types.STRING()))
-        self.descriptor = runtime_context.get_state(ValueStateDescriptor("model-descriptor", BYTES))
+        self.model_id = runtime_context.get_state(ValueStateDescriptor(MODEL_ID, Types.STRING()))
+        self.descriptor = runtime_context.get_state(ValueStateDescriptor(MODEL_DESCRIPTOR, BYTES))
 
     def model_lookup(self, ctx, data_type):
         return self.model_id.value(), self.descriptor.value

@@ -1,0 +1,80 @@
+"""The serving metrics in Flink's metric system, as the web UI and the tests read them.
+
+Names are part of the interface: ``modelserving.records_scored``, ``records_no_model``,
+``dead_letters_records``, ``dead_letters_models``, ``models_loaded``, ``scoring_micros``,
+and per data type ``modelserving.datatype.<type>.*`` plus ``model_version`` and
+``model_age_seconds``.
+"""
+from __future__ import annotations
+
+from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, now_ms
+
+
+class ServingMetrics:
+    """Counts under the operator's ``modelserving`` group, in total and per data type
+    (``modelserving.datatype.<type>.*``), plus the current model's version and age.
+
+    Counts are kept in Python and exposed as gauges, read when a bundle ends: PyFlink
+    (2.2, process mode) drops counter and distribution updates made while a timer fires,
+    and micro-batches are mostly scored from their flush timer."""
+
+    def __init__(self, runtime_context):
+        self.group = runtime_context.get_metrics_group().add_group("modelserving")
+        self.total = _Counters(self.group)
+        self.bad_models = _Count(self.group, "dead_letters_models")
+        self.models_loaded = _Count(self.group, "models_loaded")
+        self._per_type: dict[str, _Counters] = {}
+
+    def for_type(self, data_type: str) -> "_Counters":
+        counters = self._per_type.get(data_type)
+        if counters is None:
+            counters = _Counters(self.group.add_group("datatype", data_type or "(none)"), per_type=True)
+            self._per_type[data_type] = counters
+        return counters
+
+    def count(self, outcomes) -> None:
+        """Count a batch's outcomes."""
+        kinds: dict[tuple[str, str], list] = {}
+        for outcome in outcomes:
+            kinds.setdefault((outcome.data_type, outcome.kind), []).append(outcome)
+        for (data_type, kind), same in kinds.items():
+            self.total.count(kind, same)
+            self.for_type(data_type).count(kind, same)
+
+
+class _Count:
+    """A monotonic count, exposed as a gauge."""
+
+    def __init__(self, group, name: str):
+        self.value = 0
+        group.gauge(name, lambda: self.value)
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class _Counters:
+    def __init__(self, group, per_type: bool = False):
+        self.scored = _Count(group, "records_scored")
+        self.no_model = _Count(group, "records_no_model")
+        self.bad_records = _Count(group, "dead_letters_records")
+        self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records}
+        self._micros_total = 0.0
+        group.gauge("scoring_micros", lambda: int(self._micros_total / self.scored.value)
+                    if self.scored.value else 0)   # mean model time per scored record
+        self.model: LoadedModel | None = None
+        if per_type:
+            group.gauge("model_version", lambda: _numeric(self.model.info.version) if self.model else -1)
+            group.gauge("model_age_seconds",
+                        lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1)
+
+    def count(self, kind: str, outcomes) -> None:
+        self._by_kind[kind].inc(len(outcomes))
+        if kind == SCORED:
+            self._micros_total += sum(outcome.micros for outcome in outcomes)
+
+
+def _numeric(version: str) -> int:
+    """Gauges are numbers: a version like "3" or "v3" reads 3, anything else -1."""
+    digits = version.lstrip("vV")
+    return int(digits) if digits.isdigit() else -1

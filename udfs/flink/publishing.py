@@ -1,0 +1,57 @@
+"""Publishing serving statistics to the compacted state topic from inside the job.
+
+The producer configuration is computed by the job on the client side
+(``jobs.kafka_config.kafka_python``) and handed in as a plain dict, so the Python workers
+need no settings translation of their own and get every Kafka security setting.
+"""
+from __future__ import annotations
+
+import logging
+
+from udfs.serving import now_ms
+
+log = logging.getLogger("modelserving")
+
+
+class StatsPublisher:
+    """Sends ModelStats snapshots to the compacted state topic from the Python worker.
+
+    Statistics are snapshots (the last one per key wins), so at-least-once delivery is
+    enough; they go through a plain Kafka producer because PyFlink's Kafka sink cannot set a
+    record key from a Python element without a Java serializer. A failure to publish is
+    logged and never fails serving."""
+
+    RETRY_AFTER_MS = 30_000
+
+    def __init__(self, topic: str, producer_config: dict):
+        """``topic``: where to publish, "" for nowhere; ``producer_config``: keyword
+        arguments of kafka-python's ``KafkaProducer``."""
+        self.topic = topic
+        self.producer_config = dict(producer_config)
+        self._producer = None
+        self._failed_at = 0
+
+    def publish(self, key: str, value: bytes) -> None:
+        if not self.topic:
+            return
+        try:
+            if self._producer is None:
+                if now_ms() - self._failed_at < self.RETRY_AFTER_MS:
+                    return
+                self._producer = self._connect()
+            self._producer.send(self.topic, key=key.encode(), value=value)
+        except Exception as exc:  # statistics must never stop serving
+            log.warning("publishing statistics to %s failed: %s", self.topic, exc)
+            self._failed_at, self._producer = now_ms(), None
+
+    def _connect(self):
+        from kafka import KafkaProducer
+
+        return KafkaProducer(**self.producer_config)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:
+                log.warning("closing the statistics producer failed: %s", exc)
