@@ -128,14 +128,14 @@ class StateService:
         self._thread = threading.Thread(target=self._server.serve_forever, name="state-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
-        log.info("state service on %s", self.url)
+        log.debug("state service on %s", self.url)
         return self
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until interrupted (Ctrl-C)."""
         self.bind()
         self._start_feed()
-        log.info("state service on %s (topic %s)", self.url, self.feed.topic if self.feed else "-")
+        log.debug("state service on %s (topic %s)", self.url, self.feed.topic if self.feed else "-")
         try:
             self._server.serve_forever(poll_interval=0.5)
         except KeyboardInterrupt:
