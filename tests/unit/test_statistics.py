@@ -45,3 +45,35 @@ def test_keys_and_stamps():
     stats = statistics.new_stats("flat", "wine", 7, 0)
     decoded = ModelStats.FromString(statistics.stamped(stats, 1))
     assert decoded.subtask == 1 and decoded.publishedMs > 0 and decoded.part == 7
+
+
+def test_the_statistics_producer_gets_every_kafka_setting_the_job_computed(monkeypatch):
+    """The job computes the producer's arguments on the client; the worker uses them as is."""
+    import kafka
+
+    from jobs.kafka_config import kafka_python
+    from jobs.settings import Settings
+    from udfs.flink.publishing import StatsPublisher
+
+    made = []
+
+    class Producer:
+        def __init__(self, **config):
+            made.append(config)
+            self.sent = []
+
+        def send(self, topic, key, value):
+            self.sent.append((topic, key, value))
+
+    monkeypatch.setattr(kafka, "KafkaProducer", Producer)
+    settings = Settings.from_sources([], environ={}, bootstrap_servers="broker:9093",
+                                     security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+                                     sasl_username="serving", sasl_password="s3cret")
+    publisher = StatsPublisher("model-state", kafka_python(settings, acks=1, linger_ms=100))
+    publisher.publish("keyed/wine", b"stats")
+    assert made == [{"bootstrap_servers": "broker:9093", "security_protocol": "SASL_PLAINTEXT",
+                     "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "serving",
+                     "sasl_plain_password": "s3cret", "acks": 1, "linger_ms": 100}]
+    assert publisher._producer.sent == [("model-state", b"keyed/wine", b"stats")]
+    StatsPublisher("", {"bootstrap_servers": "nowhere:1"}).publish("k", b"v")   # no topic: no producer
+    assert len(made) == 1
