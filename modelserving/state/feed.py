@@ -10,8 +10,12 @@ import logging
 import threading
 import time
 
+import kafka.errors
+from kafka import KafkaConsumer, TopicPartition
+
 from jobs.kafka_config import MAX_MESSAGE_BYTES, kafka_python
 from jobs.settings import Settings
+from modelserving.kafka.failures import CONNECT_TIMEOUT_MS, describe
 from modelserving.state.view import ModelStateView
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,7 @@ class KafkaStateFeed(threading.Thread):
             settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
             isolation_level="read_committed", allow_auto_create_topics=False, client_id=CLIENT_ID,
             fetch_max_bytes=MAX_MESSAGE_BYTES, max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-            **(consumer_overrides or {}))
+            **{"bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, **(consumer_overrides or {})})
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self.status = "starting"
@@ -60,9 +64,7 @@ class KafkaStateFeed(threading.Thread):
         self._targets: dict = {}
         self._next_partition_check = 0.0
 
-    def _consumer(self):
-        from kafka import KafkaConsumer
-
+    def _consumer(self) -> KafkaConsumer:
         return KafkaConsumer(**self.consumer_config)
 
     def run(self) -> None:
@@ -86,17 +88,20 @@ class KafkaStateFeed(threading.Thread):
                 consumer.close()
 
     def _failed(self, exc: Exception) -> None:
-        """Record a failure for /health; log it once, not once a second while it lasts."""
-        text = str(exc)
-        error = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+        """Record a failure for /health; log it once, not once a second while it lasts.
+        Kafka's own failures are said as the other tools say them (where, as whom, what to
+        check: a refused login names the user)."""
+        if isinstance(exc, kafka.errors.KafkaError):
+            error = describe(exc, f"reading {self.topic}", self.consumer_config)
+        else:
+            text = str(exc)
+            text = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+            error = f"reading {self.topic} from {self.bootstrap_servers}: {text}"
         level = logging.WARNING if error != self.error else logging.DEBUG
-        log.log(level, "reading %s from %s failed (retrying every %g s): %s", self.topic,
-                self.bootstrap_servers, RETRY_S, error)
+        log.log(level, "%s (retrying every %g s)", error, RETRY_S)
         self.error = error
 
     def _step(self, consumer) -> None:
-        from kafka import TopicPartition
-
         assigned = set(consumer.assignment())
         if not assigned or time.monotonic() >= self._next_partition_check:
             self._next_partition_check = time.monotonic() + PARTITION_CHECK_S

@@ -1,10 +1,11 @@
 """The state service against the real broker: it reads the compacted state topic from the
 beginning, follows updates and tombstones, shows only committed transactions, and a new
-instance rebuilds the same answer from the topic."""
+instance rebuilds the same answer from the topic; on a SASL (SCRAM) broker it logs in with
+the settings' credentials, and a refused login is said in /health."""
 from __future__ import annotations
 
 import json
-import time
+import shutil
 import urllib.error
 import urllib.request
 import uuid
@@ -14,7 +15,10 @@ from kafka import KafkaProducer
 
 from jobs.kafka_config import kafka_python
 from jobs.settings import Settings
+from modelserving.kafka import clients
 from modelserving.kafka.admin import ensure_topics
+from modelserving.local.processes import free_ports
+from modelserving.local.waiting import wait_until
 from modelserving.state.service import StateService
 from protos import ModelStats, ModelType
 
@@ -33,14 +37,7 @@ def get(url: str):
 
 
 def eventually(probe, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout_s}s; last probe: {last!r}")
+    return wait_until(probe, timeout_s, what, interval_s=0.1)
 
 
 def stats(job, data_type, part=-1, subtask=0, model="lr", version="1", since=T0, usage=0,
@@ -63,22 +60,21 @@ def models(service: StateService) -> dict:
     return answer
 
 
-def settings_for(kafka_broker, topic: str = "model-state") -> Settings:
-    """The settings of a test's clients: the session's broker and the test's own state topic."""
-    return Settings.from_sources([], environ={}, bootstrap_servers=kafka_broker.bootstrap,
-                                 state_topic=topic)
+def settings_for(broker, topic: str = "model-state") -> Settings:
+    """The settings of a test's clients: the broker (with its security) and the test's topic."""
+    return broker.client_settings().replace(state_topic=topic)
 
 
 @pytest.fixture
 def topic(kafka_broker):
     name = f"model-state-{uuid.uuid4().hex[:8]}"
-    ensure_topics(kafka_broker.bootstrap, [], compacted=[name])
+    ensure_topics(settings_for(kafka_broker, name), [], compacted=[name])
     return name
 
 
 @pytest.fixture
 def producer(kafka_broker):
-    kafka = KafkaProducer(**kafka_python(settings_for(kafka_broker), acks="all", linger_ms=2))
+    kafka = clients.producer(settings_for(kafka_broker), linger_ms=2)
     yield kafka
     kafka.close()
 
@@ -178,8 +174,53 @@ def test_waits_for_a_missing_topic(kafka_broker, producer):
         assert status == 503 and health["status"] in ("starting", "connecting", "waiting_for_topic")
         eventually(lambda: get(service.url + "/health")[1]["status"] == "waiting_for_topic",
                    what="waiting_for_topic")
-        ensure_topics(kafka_broker.bootstrap, [], compacted=[name])
+        ensure_topics(settings_for(kafka_broker, name), [], compacted=[name])
         send(producer, name, "keyed/wine", stats("keyed", "wine", usage=3))
         assert service.wait_ready(30), get(service.url + "/health")
         eventually(lambda: get(service.url + "/models")[1]["count"] == 1, what="the first message")
         assert get(service.url + "/health")[0] == 200
+
+
+# -- a secured broker ------------------------------------------------------------------------
+
+@pytest.fixture
+def scram_broker(tmp_path):
+    """A broker of this test only whose client listener wants SCRAM-SHA-256 logins."""
+    if shutil.which("java") is None:
+        pytest.skip("java (17+) is not on PATH: the e2e tests need it to run the Kafka broker")
+    from modelserving.local.kafka_broker import LocalKafka
+
+    port, controller_port = free_ports(2)
+    broker = LocalKafka(tmp_path / "kafka", port=port, controller_port=controller_port, heap="384m",
+                        die_with_parent=True, scram_users={"stats-reader": "stats-reader-secret"})
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def test_logs_in_with_the_settings_credentials(scram_broker):
+    name = f"model-state-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(scram_broker, name)
+    assert settings.security_protocol == "SASL_PLAINTEXT" and settings.sasl_username == "stats-reader"
+    ensure_topics(settings, [], compacted=[name])
+    producer = clients.producer(settings)
+    try:
+        send(producer, name, "keyed/wine", stats("keyed", "wine", usage=12))
+    finally:
+        producer.close()
+
+    with StateService(settings, port=0) as service:
+        assert service.wait_ready(30), get(service.url + "/health")
+        eventually(lambda: get(service.url + "/state/wine")[1]["jobs"]["keyed"]["stats"]["usage"] == 12,
+                   what="the statistics read over SASL")
+
+    refused = settings.replace(sasl_password="not-the-password")
+    with StateService(refused, port=0) as service:
+        error = eventually(lambda: get(service.url + "/health")[1]["feed"]["error"], 30,
+                           "the refused login in /health")
+        assert "authentication failed for user 'stats-reader'" in error, error
+        assert "not-the-password" not in json.dumps(get(service.url + "/health")[1])
+        status, health = get(service.url + "/health")
+        assert status == 503 and not health["ready"] and get(service.url + "/models")[1]["count"] == 0
