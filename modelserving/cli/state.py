@@ -43,8 +43,9 @@ def cmd_serve(args) -> int:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     service = StateService(settings, host=args.host, port=args.port)
     service.bind()
+    protocol = service.feed.consumer_config["security_protocol"]
     print(f"state service on {service.url}/ (topic {settings.state_topic} on "
-          f"{settings.bootstrap_servers}); Ctrl-C stops it", flush=True)
+          f"{settings.bootstrap_servers}, {protocol}); Ctrl-C stops it", flush=True)
     service.serve_forever()
     return 0
 
