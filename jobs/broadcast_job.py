@@ -24,10 +24,12 @@ from udfs.flink.keys import balanced_spread_keys, spread_key
 JOB = "broadcast"
 
 
-def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
-    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out. The
-    statistics producer's configuration is computed here, on the client."""
-    serving = BroadcastServing(settings, kafka_python(settings, acks=1, linger_ms=100))
+def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
+                   serving: BroadcastServing | None = None) -> tuple[DataStream, DataStream]:
+    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
+    ``serving`` replaces the join function (tests observe the join through a subclass)."""
+    if serving is None:
+        serving = BroadcastServing(settings, kafka_python(settings, acks=1, linger_ms=100))
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
     parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)

@@ -22,14 +22,16 @@ from udfs.records import record_data_type
 JOB = "keyed"
 
 
-def build_pipeline(data: DataStream, models: DataStream, settings: Settings) -> tuple[DataStream, DataStream]:
+def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
+                   serving: KeyedServing | None = None) -> tuple[DataStream, DataStream]:
     """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
 
     The key selectors read the data type straight from the bytes; the join gets the bytes
     and the key, so a record crosses into Python once before the shuffle and once to be
-    scored, with nothing but its bytes in either crossing. The statistics producer's
-    configuration is computed here, on the client, with every Kafka security setting."""
-    serving = KeyedServing(settings, kafka_python(settings, acks=1, linger_ms=100))
+    scored, with nothing but its bytes in either crossing. ``serving`` replaces the join
+    function (tests observe the join through a subclass)."""
+    if serving is None:
+        serving = KeyedServing(settings, kafka_python(settings, acks=1, linger_ms=100))
     results = data.connect(models) \
         .key_by(record_data_type, model_data_type, key_type=Types.STRING()) \
         .process(serving, output_type=BYTES) \

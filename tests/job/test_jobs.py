@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import base64
 import math
+import os
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -19,23 +23,69 @@ pytestmark = pytest.mark.job
 
 
 class Decode:
-    """from_collection cannot carry bytes: the test sends base64 text and decodes it here,
-    optionally holding the stream back at start so the models reach the join first."""
+    """from_collection cannot carry bytes: the test sends base64 text and decodes it here.
+    With a ``gate``, the first record waits until the gate opens."""
 
-    def __init__(self, delay_s: float = 0.0):
-        self.delay_s = delay_s
+    def __init__(self, gate: "ModelsHandled | None" = None):
+        self.gate = gate
 
     def open(self, runtime_context):
-        time.sleep(self.delay_s)
+        self.waiting = self.gate is not None
 
     def map(self, value):
+        if self.waiting:
+            self.gate.wait()
+            self.waiting = False
         return base64.b64decode(value)
+
+
+class ModelsHandled:
+    """Orders records after models: the join leaves one file in ``marks`` per model element it
+    has handled (accepted or not), and records wait for all of them. A directory works across
+    threads and Python worker processes alike; a run has a directory of its own."""
+
+    def __init__(self, marks: str, expected: int, timeout_s: float = 120.0):
+        self.marks = marks
+        self.expected = expected
+        self.timeout_s = timeout_s
+
+    def mark(self, subtask: int) -> None:
+        Path(self.marks, f"{subtask}-{uuid.uuid4().hex}").touch()
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while len(os.listdir(self.marks)) < self.expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the join handled {len(os.listdir(self.marks))} of "
+                                   f"{self.expected} model elements in {self.timeout_s} s")
+            time.sleep(0.02)
+
+
+def reporting_join(job: str, settings: Settings, gate: ModelsHandled):
+    """The job's own join function, marking ``gate`` after each model element."""
+    from udfs.flink.joins import BroadcastServing, KeyedServing
+
+    if job == "keyed":
+        class ReportingKeyed(KeyedServing):
+            def process_element2(self, raw, ctx):
+                yield from super().process_element2(raw, ctx)
+                gate.mark(self.subtask)
+
+        return ReportingKeyed(settings, {})
+
+    class ReportingBroadcast(BroadcastServing):
+        def process_broadcast_element(self, raw, ctx):
+            yield from super().process_broadcast_element(raw, ctx)
+            gate.mark(self.subtask)
+
+    return ReportingBroadcast(settings, {})
 
 
 JOBS = ["keyed", "broadcast"]
 
 
 def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings):
+    """Run ``job`` on the local environment: every model reaches the join before any record."""
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
 
@@ -51,15 +101,20 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
     def collection(items):
         return env.from_collection([base64.b64encode(i).decode() for i in items], type_info=Types.STRING())
 
-    env = create_environment(settings, with_connector=False)
-    data = collection(records).map(DecodeMap(4.0), output_type=BYTES)
-    model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
-    results, dead_letters = build_pipeline(data, model_stream, settings)
-    tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
-    both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
-        dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
-    with both.execute_and_collect() as collected:
-        out = list(collected)
+    with tempfile.TemporaryDirectory(prefix="models-handled-") as marks:
+        # the keyed join handles a model on one instance, the broadcast join on every one
+        copies = 1 if job == "keyed" else settings.parallelism
+        gate = ModelsHandled(marks, expected=len(models) * copies)
+        env = create_environment(settings, with_connector=False)
+        data = collection(records).map(DecodeMap(gate), output_type=BYTES)
+        model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
+        results, dead_letters = build_pipeline(data, model_stream, settings,
+                                               serving=reporting_join(job, settings, gate))
+        tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
+        both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
+            dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
+        with both.execute_and_collect() as collected:
+            out = list(collected)
     return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
             [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
 
