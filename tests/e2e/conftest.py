@@ -12,12 +12,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, Scenario  # noqa: E402
 
+import jobs  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from modelserving.kafka import clients as client  # noqa: E402
 from modelserving.kafka.admin import ensure_topics  # noqa: E402
-from modelserving.local.kafka_broker import free_port  # noqa: E402
+from modelserving.local.processes import free_port, free_port_range, free_ports  # noqa: E402
 
-JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
+JOB_MODULES = list(jobs.JOB_MODULES.values())
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def kafka_broker(tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("java (17+) is not on PATH: the e2e tests need it to run the Kafka broker "
                     "(apt-get install openjdk-17-jre-headless)")
-    from modelserving.local.kafka_broker import LocalKafka, free_ports
+    from modelserving.local.kafka_broker import LocalKafka
 
     port, controller_port = free_ports(2)
     broker = LocalKafka(tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller_port,
@@ -58,11 +59,11 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
         dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
         stats_interval_ms=1000, parallelism=2, checkpoint_interval_ms=2000, rest_port=0,
         model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
-    ensure_topics(settings.bootstrap_servers,
+    ensure_topics(settings,
                   [settings.data_topic, settings.models_topic, settings.results_topic,
                    settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
     process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
-    producer = client.producer(settings.bootstrap_servers)
+    producer = client.producer(settings)
     collector = Collector(settings)
     # the broadcast join holds a copy of the model on every instance: all must have switched
     instances = settings.parallelism if job == "broadcast_job" else 1
@@ -74,12 +75,15 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def flink(tmp_path_factory):
-    """A standalone cluster on free ports in a temporary directory, for the session."""
+    """A standalone cluster on free ports in a temporary directory, for the session. Its
+    Prometheus reporter gets a free port range of its own (the JobManager, a TaskManager and
+    room for a replacement TaskManager), so no other Flink on the host answers for it."""
     if shutil.which("java") is None:
         pytest.skip("java (17+) is not on PATH: the standalone Flink cluster needs it")
     from modelserving.local.flink_cluster import LocalFlinkCluster
 
-    cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2)
+    cluster = LocalFlinkCluster(tmp_path_factory.mktemp("flink"), rest_port=free_port(), slots=2,
+                                prometheus_ports=free_port_range(4))
     started = time.monotonic()
     cluster.start(timeout=180)
     print(f"\n[timing] cluster start (1 JobManager, 1 TaskManager registered): "

@@ -9,21 +9,22 @@ from typing import Callable
 import pytest
 
 from jobs.settings import Settings
+from modelserving.errors import ToolError
 from modelserving.kafka import clients as client
 from modelserving.kafka.clients import Row, encode_record
 from modelserving.local.job_process import JobProcess  # noqa: F401  (the tests' name for it)
+from modelserving.local.waiting import wait_until
 from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ServingResult
 
 MAX_MODEL_BYTES = 1_000_000
 
 
-
 class Collector(client.OutputFollower):
     """Collects the results and dead letters of a job, from the beginning, in the background."""
 
     def __init__(self, settings: Settings):
-        super().__init__(settings.bootstrap_servers, settings.results_topic, settings.dead_letter_topic)
+        super().__init__(settings)
         self.settings = settings
         self.results: list[ServingResult] = []
         self.dead_letters: list[DeadLetter] = []
@@ -36,15 +37,13 @@ class Collector(client.OutputFollower):
 
     def wait_for(self, predicate: Callable[["Collector"], object], timeout_s: float = 120,
                  what: str = "condition"):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """``predicate(self)``'s first truthy value, evaluated under the lock."""
+        def check():
             with self.lock:
-                value = predicate(self)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise TimeoutError(f"timed out waiting for {what}; {len(self.results)} results, "
-                           f"{len(self.dead_letters)} dead letters so far")
+                return predicate(self)
+        return wait_until(check, timeout_s, what,
+                          details=lambda: f"{len(self.results)} results, "
+                                          f"{len(self.dead_letters)} dead letters so far")
 
     def results_for(self, ids) -> dict[str, ServingResult]:
         ids = set(ids)
@@ -103,8 +102,6 @@ class Scenario:
 
     def publish_and_score(self, model, data_type: str, prefix: str, n: int) -> list[Row]:
         """Publish ``model`` for ``data_type``, wait until it serves, score ``n`` records."""
-        from modelserving.demo.training import descriptor_for
-
         self.send_model(descriptor_for(model, data_type=data_type))
         self.wait_until_serving(model.name, data_type)
         rows = self.rows(prefix, n, data_type)
@@ -150,7 +147,7 @@ class Deployment:
         self.cluster, self.settings, self.model, self.module = cluster, settings, model, module
         self.broadcast = module == "jobs.broadcast_job"
         self.parallelism = 2
-        self.producer = client.producer(settings.bootstrap_servers)
+        self.producer = client.producer(settings)
         self.collector = Collector(settings)
         self.job_id: str | None = None
         self.model_published = False
@@ -173,6 +170,33 @@ class Deployment:
         self.job_id = self.cluster.submit(self.module, self.job_args(), savepoint=savepoint)
         self.cluster.wait_running(self.job_id, timeout=180)
         return time.monotonic() - started
+
+    def ensure_serving(self) -> None:
+        """Whatever ran before: a job of this deployment fully running and scoring with the
+        model (published once per deployment; a job submitted afresh reads it again from the
+        models topic, a resumed one has it in its state)."""
+        if self.job_id is not None:
+            try:
+                self.cluster.wait_running(self.job_id, timeout=180)
+            except ToolError as exc:  # ended or stuck: an earlier test failed half-way
+                print(f"\n[setup] job {self.job_id} is not running ({str(exc)[:200]}); submitting anew")
+                self.cancel_job()
+        if self.job_id is None:
+            self.parallelism = 2
+            took = self.submit()
+            print(f"\n[timing] flink run to all tasks RUNNING: {took:.1f} s")
+        if not self.model_published:
+            client.publish_model(self.producer, self.settings.models_topic, descriptor_for(self.model))
+            self.model_published = True
+        self.wait_until_scored_by(self.model.name)
+
+    def cancel_job(self) -> None:
+        if self.job_id:
+            try:
+                self.cluster.cancel(self.job_id)
+            except ToolError:  # the cluster may be gone already; the fixture stops it anyway
+                pass
+            self.job_id = None
 
     def row(self, prefix: str, i: int) -> Row:
         base = self.base[i % len(self.base)]
@@ -210,10 +234,6 @@ class Deployment:
         return self.collector.results_for(ids)
 
     def close(self) -> None:
-        if self.job_id:
-            try:
-                self.cluster.cancel(self.job_id)
-            except Exception:  # the cluster may be gone already; the fixture stops it anyway
-                pass
+        self.cancel_job()
         self.collector.stop()
         self.producer.close()

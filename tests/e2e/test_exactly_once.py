@@ -13,12 +13,14 @@ from collections import Counter
 
 import pytest
 
+from jobs import JOB_MODULES
 from jobs.settings import Settings
 from modelserving.kafka import clients as client
 from modelserving.kafka.admin import ensure_topics
 from modelserving.demo.training import descriptor_for
 from protos import DeadLetter, ModelType, ServingResult
 
+import faults
 from jobrunner import Deployment
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +29,7 @@ RECORDS = 600        # at ~25/s: the stream outlasts two kills and restarts
 BAD_EVERY = 100      # every 100th record is garbage, to check dead letters too
 
 
-@pytest.mark.parametrize("module", ["jobs.keyed_job", "jobs.broadcast_job"])
+@pytest.mark.parametrize("module", list(JOB_MODULES.values()))
 def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, kafka_broker,
                                                                   trained_models):
     suffix = f"eo-{module.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
@@ -37,7 +39,7 @@ def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, 
         models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
         dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
         delivery_guarantee="exactly-once").for_job(suffix)
-    ensure_topics(settings.bootstrap_servers,
+    ensure_topics(settings,
                   [settings.data_topic, settings.models_topic, settings.results_topic,
                    settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
     deployment = Deployment(flink, settings, model, module)
@@ -69,8 +71,8 @@ def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, 
             deployment.collector.wait_for(lambda c: len(c.results) >= before + 20, 180,
                                           "committed results flowing")
             killed_at = time.time()
-            flink.kill_taskmanager()
-            flink.start_taskmanager(timeout=90)
+            faults.kill_taskmanager(flink)
+            faults.start_taskmanager(flink, timeout=90)
             flink.wait_restarted(deployment.job_id, since=killed_at, timeout=180)
             kills.append(time.time() - killed_at)
         assert sent.wait(120), "the stream did not finish"

@@ -2,9 +2,11 @@
 from the pyflink distribution) against the real Kafka broker: submission with `flink run`,
 stop with a savepoint and resume from it, and recovery after a TaskManager is SIGKILLed.
 
-The three tests are one scenario, in order: (a) submits the job and publishes the model,
-(b) and (c) rely on the model being in the job's state from then on and never publish it
-again. The broadcast job is resumed with another parallelism (2 -> 1)."""
+Each test runs alone or in any order: ``serving_deployment`` first brings the module's
+deployment to a job running and scoring with the model (submitting it, publishing the model
+once), which every test leaves behind. The model is published once per deployment, so a job resumed from
+a savepoint or recovered from a checkpoint must serve it from its state. The broadcast job
+is resumed with another parallelism (2 -> 1)."""
 from __future__ import annotations
 
 import itertools
@@ -14,21 +16,22 @@ import uuid
 
 import pytest
 
-from jobs.settings import Settings
-from modelserving.kafka import clients as client
-from modelserving.kafka.admin import ensure_topics
-from modelserving.demo.training import descriptor_for
-from protos import ModelType
-
+import faults
 from jobrunner import Collector, Deployment, assert_scored_by
+import jobs
+from jobs.settings import Settings
+from modelserving.kafka.admin import ensure_topics
+from modelserving.local import http
+from protos import ModelType
 
 pytestmark = pytest.mark.e2e
 
-JOB_MODULES = ["jobs.keyed_job", "jobs.broadcast_job"]
+JOB_MODULES = list(jobs.JOB_MODULES.values())
 
 
 @pytest.fixture(scope="module", params=JOB_MODULES)
 def deployment(request, flink, kafka_broker, trained_models):
+    """Topics, a producer and a collector for one job module; no job yet."""
     suffix = f"cluster-{request.param.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.ONNX]
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
@@ -37,7 +40,7 @@ def deployment(request, flink, kafka_broker, trained_models):
         models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
         dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
         model_dirs=(str(model_dir),)).for_job(suffix)
-    ensure_topics(settings.bootstrap_servers,
+    ensure_topics(settings,
                   [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
                   compacted=[settings.models_topic, settings.state_topic], partitions=2)
     deployment = Deployment(flink, settings, model, request.param)
@@ -47,45 +50,44 @@ def deployment(request, flink, kafka_broker, trained_models):
         deployment.close()
 
 
-def test_submitted_job_scores_with_the_published_model(deployment):
-    flink = deployment.cluster
-    took = deployment.submit()
-    print(f"\n[timing] flink run to all tasks RUNNING: {took:.1f} s")
+@pytest.fixture
+def serving_deployment(deployment) -> Deployment:
+    """The deployment with a job fully running and scoring with the model."""
+    deployment.ensure_serving()
+    return deployment
+
+
+def test_submitted_job_scores_with_the_published_model(serving_deployment):
+    deployment, flink = serving_deployment, serving_deployment.cluster
     job = flink.job(deployment.job_id)
     assert job["name"] == deployment.settings.job_name
-    assert {v["parallelism"] for v in job["vertices"]} == {2}
+    assert {v["parallelism"] for v in job["vertices"]} == {deployment.parallelism}
     assert any(j["jid"] == deployment.job_id and j["state"] == "RUNNING" for j in flink.list_jobs())
 
-    client.publish_model(deployment.producer, deployment.settings.models_topic,
-                         descriptor_for(deployment.model))
-    deployment.model_published = True
-    deployment.wait_until_scored_by(deployment.model.name)
     rows = deployment.rows("a", 30)
     deployment.send(rows)
     assert_scored_by(deployment.results(rows), deployment.model, rows)
     assert not deployment.collector.dead_letters
-    # the Prometheus reporter of flink-conf/ exposes the jobs' own metrics
-    deployment.collector.wait_for(lambda c: "modelserving_records_scored" in prometheus_metrics(),
-                                  60, "the serving metrics on a Prometheus endpoint")
+    # the cluster's own Prometheus reporter ports (no other Flink's) expose the jobs' metrics
+    ports = flink.prometheus_ports()
+    assert ports and not set(ports) & set(range(9249, 9261)), ports  # not the shared default
+    deployment.collector.wait_for(lambda c: "modelserving_records_scored" in prometheus_metrics(ports),
+                                  60, f"the serving metrics on the Prometheus ports {ports}")
 
 
-def prometheus_metrics() -> str:
-    """Everything the cluster's Prometheus endpoints (ports 9249-9260) serve."""
-    import urllib.request
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def prometheus_metrics(ports: list[int]) -> str:
+    """Everything the Prometheus endpoints on ``ports`` serve."""
     text = []
-    for port in range(9249, 9261):
+    for port in ports:
         try:
-            with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
-                text.append(answer.read().decode())
+            text.append(http.get_text(f"http://127.0.0.1:{port}/metrics", timeout_s=2))
         except OSError:
             pass
     return "".join(text)
 
 
-def test_stop_with_savepoint_and_resume_keeps_the_model(deployment):
-    assert deployment.model_published, "needs the job and model of the first test"
-    flink = deployment.cluster
+def test_stop_with_savepoint_and_resume_keeps_the_model(serving_deployment):
+    deployment, flink = serving_deployment, serving_deployment.cluster
     old_job = deployment.job_id
     started = time.monotonic()
     savepoint = flink.stop_with_savepoint(old_job)
@@ -109,11 +111,13 @@ def test_stop_with_savepoint_and_resume_keeps_the_model(deployment):
     assert_scored_by(deployment.results(rows), deployment.model, rows)
 
 
-def test_killed_taskmanager_job_recovers_from_its_checkpoint(deployment):
-    assert deployment.model_published, "needs the job and model of the first test"
-    flink = deployment.cluster
+def test_killed_taskmanager_job_recovers_from_its_checkpoint(serving_deployment):
+    deployment, flink = serving_deployment, serving_deployment.cluster
     job_id = deployment.job_id
-    checkpoint = flink.wait_checkpoint(job_id, timeout=60)  # the model is in a checkpoint now
+    # the model serves now: a checkpoint triggered from now on holds it (an id past the one
+    # that may be under way)
+    latest = (flink.latest_checkpoint(job_id) or {}).get("id", 0)
+    checkpoint = flink.wait_checkpoint(job_id, after=latest + 1, timeout=60)
 
     sent_at: dict[str, float] = {}
     stop = threading.Event()
@@ -140,9 +144,9 @@ def test_killed_taskmanager_job_recovers_from_its_checkpoint(deployment):
         old_tms = flink.taskmanager_pids()
         killed_at = time.time()
         killed_mono = time.monotonic()
-        pid = flink.kill_taskmanager()
+        pid = faults.kill_taskmanager(flink)
         assert pid in old_tms and pid not in flink.taskmanager_pids()
-        flink.start_taskmanager(timeout=90)
+        faults.start_taskmanager(flink, timeout=90)
         assert flink.taskmanager_pids() and pid not in flink.taskmanager_pids()
 
         flink.wait_restarted(job_id, since=killed_at, timeout=180)  # by itself, same job id
