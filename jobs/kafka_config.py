@@ -27,6 +27,9 @@ MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 _JAAS_OPTION = re.compile(r'([\w.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s";]+))')
 SCRAM_LOGIN_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
 PLAIN_LOGIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+#: Where the Flink SQL Kafka connector (the jar the tooling fetches) relocates the Kafka
+#: client: a JAAS line for it must name the login module by its relocated class.
+FLINK_SQL_CONNECTOR_PACKAGE = "org.apache.flink.kafka.shaded."
 
 
 class KafkaConfigError(SettingsError):
@@ -165,13 +168,15 @@ def _check(a: KafkaAccess) -> None:
                                "set security_protocol to SSL or SASL_SSL")
 
 
-def java_properties(settings) -> dict[str, str]:
-    """Properties for the Flink Kafka connector (and any Java client); bootstrap excluded."""
+def java_properties(settings, class_prefix: str = "") -> dict[str, str]:
+    """Properties for the Flink Kafka connector (and any Java client); bootstrap excluded.
+    ``class_prefix`` is the package the client's classes are relocated to, if any
+    (``FLINK_SQL_CONNECTOR_PACKAGE`` for the SQL connector jar)."""
     a = access(settings)
     props = dict(a.java_extra)
     props["security.protocol"] = a.security_protocol
     if a.uses_sasl:
-        module = PLAIN_LOGIN_MODULE if a.sasl_mechanism == "PLAIN" else SCRAM_LOGIN_MODULE
+        module = class_prefix + (PLAIN_LOGIN_MODULE if a.sasl_mechanism == "PLAIN" else SCRAM_LOGIN_MODULE)
         props["sasl.mechanism"] = a.sasl_mechanism
         props["sasl.jaas.config"] = (f'{module} required username="{_escape(a.sasl_username)}" '
                                      f'password="{_escape(a.sasl_password)}";')

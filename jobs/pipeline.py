@@ -23,7 +23,7 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 
-from jobs.kafka_config import java_properties
+from jobs.kafka_config import FLINK_SQL_CONNECTOR_PACKAGE, java_properties
 from jobs.settings import Settings
 
 log = logging.getLogger("modelserving")
@@ -84,6 +84,16 @@ def connector_jar(settings: Settings) -> Path | None:
     return Path(settings.connector_jar).resolve()
 
 
+def connector_properties(settings: Settings) -> dict[str, str]:
+    """The Kafka client properties for the connector in use. The SQL connector jar (the one
+    the tooling fetches, and the one to put on a cluster's classpath) relocates the Kafka
+    client, so a JAAS line must name the relocated login module; a plain connector jar
+    with its own kafka-clients takes the usual name."""
+    jar = Path(settings.connector_jar).name if settings.connector_jar else ""
+    relocated = not jar or "sql-connector" in jar
+    return java_properties(settings, FLINK_SQL_CONNECTOR_PACKAGE if relocated else "")
+
+
 def kafka_source(settings: Settings, topic: str, group_id: str,
                  offsets: KafkaOffsetsInitializer) -> KafkaSource:
     builder = (KafkaSource.builder()
@@ -94,7 +104,7 @@ def kafka_source(settings: Settings, topic: str, group_id: str,
                .set_value_only_deserializer(ByteArraySchema())
                .set_property("partition.discovery.interval.ms", "10000")
                .set_property("client.id.prefix", group_id))
-    for key, value in java_properties(settings).items():
+    for key, value in connector_properties(settings).items():
         builder.set_property(key, value)
     return builder.build()
 
@@ -114,7 +124,7 @@ def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
                .set_property("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS))
     if guarantee == DeliveryGuarantee.EXACTLY_ONCE:
         builder.set_transactional_id_prefix(f"{settings.transactional_id_prefix}-{purpose}")
-    for key, value in java_properties(settings).items():
+    for key, value in connector_properties(settings).items():
         builder.set_property(key, value)
     return builder.build()
 

@@ -267,5 +267,7 @@ class OutputFollower(threading.Thread):
             kafka.close()
 
     def stop(self, timeout_s: float = 5) -> None:
+        """End the thread; a follower that never started (its start failed) is left alone."""
         self.stopped.set()
-        self.join(timeout_s)
+        if self.ident is not None:
+            self.join(timeout_s)

@@ -249,3 +249,21 @@ def test_kafka_python_corrections_apply_to_the_pinned_version():
     from modelserving.kafka import failures
 
     assert failures.CORRECTED == kafka.__version__.startswith("3.0.")
+
+
+def test_jaas_for_the_relocated_client_of_the_sql_connector():
+    from jobs.kafka_config import FLINK_SQL_CONNECTOR_PACKAGE
+
+    jaas = java_properties(scram_settings(), FLINK_SQL_CONNECTOR_PACKAGE)["sasl.jaas.config"]
+    assert jaas.startswith(f"org.apache.flink.kafka.shaded.{SCRAM} required ")
+
+
+def test_the_pipeline_names_the_login_module_the_connector_jar_has(tmp_path):
+    pytest.importorskip("pyflink")
+    from jobs.pipeline import connector_properties
+
+    def module(jar: str) -> str:
+        return connector_properties(scram_settings(connector_jar=jar))["sasl.jaas.config"].split()[0]
+    assert module("/jars/flink-sql-connector-kafka-5.0.0-2.2.jar") == f"org.apache.flink.kafka.shaded.{SCRAM}"
+    assert module("") == f"org.apache.flink.kafka.shaded.{SCRAM}"   # the cluster's lib/: the SQL jar
+    assert module("/jars/flink-connector-kafka-5.0.0-2.2.jar") == SCRAM
