@@ -12,7 +12,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from modelserving.local.kafka_broker import LocalKafka, free_ports
+from jobs.kafka_config import kafka_python
+from modelserving.local.kafka_broker import LocalKafka
+from modelserving.local.processes import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +26,11 @@ def _topic(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20, **configs) -> list:
+def _read_all(broker: LocalKafka, topic: str, expected: int, timeout: float = 20, **configs) -> list:
     """Every record of ``topic`` from the beginning, once ``expected`` were seen (or timeout)."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-        enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024, **configs)
+    consumer = KafkaConsumer(**kafka_python(
+        broker.client_settings(), group_id=None, auto_offset_reset="earliest",
+        enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024, **configs))
     try:
         consumer.subscribe([topic])
         records, deadline = [], time.monotonic() + timeout
@@ -45,16 +47,16 @@ def _read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20, **
         consumer.close()
 
 
-def _producer(bootstrap: str, **configs) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8 * 1024 * 1024,
-                         **configs)
+def _producer(broker: LocalKafka, **configs) -> KafkaProducer:
+    return KafkaProducer(**kafka_python(broker.client_settings(), acks="all",
+                                        max_request_size=8 * 1024 * 1024, **configs))
 
 
 def test_produce_and_consume(kafka_broker):
     topic = _topic("plain")
     kafka_broker.create_topics([topic])
     kafka_broker.create_topics([topic])  # idempotent
-    producer = _producer(kafka_broker.bootstrap)
+    producer = _producer(kafka_broker)
     sent = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(20)}
     for key, value in sent.items():
         producer.send(topic, key=key, value=value)
@@ -63,7 +65,7 @@ def test_produce_and_consume(kafka_broker):
     producer.flush()
     producer.close()
 
-    records = _read_all(kafka_broker.bootstrap, topic, expected=len(sent) + 1)
+    records = _read_all(kafka_broker, topic, expected=len(sent) + 1)
     got = {r.key: r.value for r in records}
     assert len(records) == len(sent) + 1
     assert got.pop(b"big") == big
@@ -73,11 +75,11 @@ def test_produce_and_consume(kafka_broker):
 
 def test_auto_created_topics_have_two_partitions(kafka_broker):
     topic = _topic("auto")
-    producer = _producer(kafka_broker.bootstrap)
+    producer = _producer(kafka_broker)
     producer.send(topic, value=b"hello").get(timeout=30)
     assert producer.partitions_for(topic) == {0, 1}
     producer.close()
-    assert [r.value for r in _read_all(kafka_broker.bootstrap, topic, expected=1)] == [b"hello"]
+    assert [r.value for r in _read_all(kafka_broker, topic, expected=1)] == [b"hello"]
 
 
 def test_compacted_topic_config(kafka_broker):
@@ -86,7 +88,7 @@ def test_compacted_topic_config(kafka_broker):
     kafka_broker.create_topics([models, data], compacted=[models])  # existing topics are fine
     from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    admin = KafkaAdminClient(**kafka_python(kafka_broker.client_settings()))
     try:
         configs = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, name, ["cleanup.policy"]) for name in (models, data)],
@@ -103,7 +105,7 @@ def test_transactions_read_committed(kafka_broker):
     topic = _topic("txn")
     kafka_broker.create_topics([topic])
     # Flink's exactly-once sink uses 1 h transaction timeouts: the broker must accept them.
-    producer = _producer(kafka_broker.bootstrap, transactional_id=_topic("tx-id"),
+    producer = _producer(kafka_broker, transactional_id=_topic("tx-id"),
                          transaction_timeout_ms=3_600_000)
     producer.init_transactions()
 
@@ -122,9 +124,9 @@ def test_transactions_read_committed(kafka_broker):
     producer.commit_transaction()
     producer.close()
 
-    committed = _read_all(kafka_broker.bootstrap, topic, expected=3, isolation_level="read_committed")
+    committed = _read_all(kafka_broker, topic, expected=3, isolation_level="read_committed")
     assert [r.value for r in committed] == [b"committed-1", b"committed-2", b"committed-3"]
-    everything = _read_all(kafka_broker.bootstrap, topic, expected=4, isolation_level="read_uncommitted")
+    everything = _read_all(kafka_broker, topic, expected=4, isolation_level="read_uncommitted")
     assert sorted(r.value for r in everything) == [b"aborted", b"committed-1", b"committed-2", b"committed-3"]
 
 
@@ -145,7 +147,7 @@ def test_background_start_stop_and_restart_keeps_data(tmp_path):
         assert (workdir / "broker.pid").read_text().strip() == str(pid)
         topic = _topic("durable")
         first.create_topics([topic], compacted=[])
-        producer = _producer(first.bootstrap)
+        producer = _producer(first)
         for i in range(10):
             producer.send(topic, key=str(i).encode(), value=f"before-restart-{i}".encode())
         producer.flush()
@@ -159,6 +161,6 @@ def test_background_start_stop_and_restart_keeps_data(tmp_path):
     port2, controller_port2 = free_ports(2)
     with LocalKafka(workdir, port=port2, controller_port=controller_port2, heap="256m",
                     die_with_parent=True) as second:
-        records = _read_all(second.bootstrap, topic, expected=10)
+        records = _read_all(second, topic, expected=10)
         assert sorted(r.value for r in records) == sorted(f"before-restart-{i}".encode() for i in range(10))
     assert not second.is_running()
