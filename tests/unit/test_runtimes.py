@@ -19,7 +19,7 @@ from udfs.errors import ModelLoadError, ModelRejected, RecordError, UnknownModel
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES
 from udfs.runtimes import SUPPORTED_TYPES, load_model, runtime_for
 from udfs.runtimes.base import FeatureBatch, LoadRequest
-from udfs.runtimes.outputs import OutputError, OutputReader, interpret
+from udfs.runtimes.outputs import FIXED_CALL_ROWS, OutputError, OutputReader, in_fixed_calls, interpret
 
 REPO = Path(__file__).resolve().parents[2]
 TUTORIAL = REPO.parent / "shared" / "tutorial"
@@ -91,6 +91,28 @@ def demo_request(model, **overrides) -> LoadRequest:
 
 # -- tutorial artifacts -----------------------------------------------------------------------
 
+def one_call(rows: np.ndarray) -> np.ndarray:
+    """``rows`` padded with zero rows to the shape every TensorFlow call of the runtimes has,
+    so the library is compared on the same kernels."""
+    assert len(rows) <= FIXED_CALL_ROWS
+    return np.concatenate([rows, np.zeros((FIXED_CALL_ROWS - len(rows), rows.shape[1]))])
+
+
+def test_in_fixed_calls_splits_pads_and_trims():
+    calls = []
+
+    def call(chunk):
+        calls.append(chunk.copy())
+        return [("doubled", chunk[:, 0] * 2), ("constant", np.array(7.0))]
+
+    values = np.arange(10, dtype=np.float64).reshape(5, 2)
+    outputs = dict(in_fixed_calls(values, call, rows_per_call=2))
+    assert [c.shape for c in calls] == [(2, 2)] * 3
+    assert calls[-1].tolist() == [[8.0, 9.0], [0.0, 0.0]]        # the last call is padded
+    assert outputs["doubled"].tolist() == [0.0, 4.0, 8.0, 12.0, 16.0]
+    assert float(outputs["constant"]) == 7.0
+
+
 def test_tutorial_saved_model_matches_direct_signature_call(tutorial, wine_rows, tf):
     runtime = load_model(request(ModelType.TENSORFLOWSAVED, location=tutorial / "saved" / "1"))
     assert runtime.input_names == WINE_FEATURES
@@ -98,7 +120,7 @@ def test_tutorial_saved_model_matches_direct_signature_call(tutorial, wine_rows,
     predictions = runtime.score(batch_for(runtime, wine_rows))
 
     direct = tf.saved_model.load(str(tutorial / "saved" / "1")).signatures["predict"]
-    expected = direct(inputs=tf.constant(wine_rows, tf.float32))["outputs"].numpy()
+    expected = direct(inputs=tf.constant(one_call(wine_rows), tf.float32))["outputs"].numpy()[:ROWS]
     assert expected.shape == (ROWS, 9)
     got = np.array([p.probabilities for p in predictions])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
@@ -125,7 +147,7 @@ def test_tutorial_frozen_graph_matches_session_run(tutorial, wine_rows, tf):
         tf.compat.v1.import_graph_def(graph_def, name="")
         with tf.compat.v1.Session(graph=graph) as session:
             expected = session.run("dense_3/Sigmoid:0",
-                                   {"dense_1_input:0": wine_rows.astype(np.float32)})
+                                   {"dense_1_input:0": one_call(wine_rows).astype(np.float32)})[:ROWS]
     got = np.array([p.probabilities for p in predictions])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
     assert [p.label for p in predictions] == [str(i) for i in expected.argmax(axis=1)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -237,3 +237,38 @@ def check_batch(batch: FeatureBatch, input_names: tuple[str, ...]) -> None:
     if batch.names != input_names:
         raise RecordError(f"batch columns ({', '.join(batch.names)}) are not the model inputs "
                           f"({', '.join(input_names)})")
+
+
+#: Rows of every TensorFlow call. TensorFlow's CPU kernels take other summation orders for
+#: other batch shapes (a row scored alone differs in the last bits from the same row in a
+#: batch), so without one fixed shape a record's scores would depend on the micro-batch it
+#: happens to land in. Zero rows pad the last call; for the small vector models served here
+#: a call costs the same at 1 and at 64 rows.
+FIXED_CALL_ROWS = 64
+
+
+def in_fixed_calls(values: np.ndarray, call: Callable[[np.ndarray], Sequence[tuple[str, Any]]],
+                   rows_per_call: int = FIXED_CALL_ROWS) -> list[tuple[str, Any]]:
+    """``call`` on zero-padded chunks of exactly ``rows_per_call`` rows; the named outputs
+    of the real rows, as if ``call`` had run once on ``values``. An output without a row
+    per input row (a constant) is taken from the first call."""
+    rows = values.shape[0]
+    names: list[str] = []
+    per_row: list[bool] = []
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, rows, rows_per_call):
+        real = min(rows_per_call, rows - start)
+        padded = np.zeros((rows_per_call,) + values.shape[1:], dtype=values.dtype)
+        padded[:real] = values[start:start + real]
+        for i, (name, output) in enumerate(call(padded)):
+            output = np.asarray(output)
+            if start == 0:
+                names.append(name)
+                per_row.append(output.ndim > 0 and output.shape[0] == rows_per_call)
+                parts.append([])
+            if per_row[i]:
+                parts[i].append(output[:real])
+            elif start == 0:
+                parts[i].append(output)
+    return [(name, np.concatenate(chunks) if batched else chunks[0])
+            for name, batched, chunks in zip(names, per_row, parts)]

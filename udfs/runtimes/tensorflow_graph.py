@@ -22,7 +22,7 @@ import numpy as np
 
 from udfs.errors import ModelLoadError
 from udfs.runtimes.base import FeatureBatch, LoadRequest, ModelRuntime, Prediction
-from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error,
+from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error, in_fixed_calls,
                                    vector_input_names, who)
 
 #: Ops that are never a model output even when nothing consumes them.
@@ -192,7 +192,8 @@ class TensorFlowGraphRuntime(ModelRuntime):
         if rows == 0:
             return []
         values = np.ascontiguousarray(batch.values, dtype=self.signature.dtype)
-        return self._reader.read(_named(self.signature.outputs, self._runner(values)), rows)
+        outputs = in_fixed_calls(values, lambda chunk: _named(self.signature.outputs, self._runner(chunk)))
+        return self._reader.read(outputs, rows)
 
     def close(self) -> None:
         session, self._session, self._runner = self._session, None, None

@@ -14,7 +14,7 @@ import numpy as np
 
 from udfs.errors import ModelLoadError
 from udfs.runtimes.base import FeatureBatch, LoadRequest, ModelRuntime, Prediction
-from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error,
+from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error, in_fixed_calls,
                                    vector_input_names, who)
 from udfs.runtimes.tensorflow_graph import import_tensorflow
 
@@ -89,8 +89,8 @@ class TensorFlowSavedRuntime(ModelRuntime):
         if rows == 0:
             return []
         values = np.ascontiguousarray(batch.values, dtype=self._dtype)
-        outputs = self._function(**{self._input: values})
-        return self._reader.read(_numpy_outputs(outputs), rows)
+        outputs = in_fixed_calls(values, lambda chunk: _numpy_outputs(self._function(**{self._input: chunk})))
+        return self._reader.read(outputs, rows)
 
     def close(self) -> None:
         self._function = None
