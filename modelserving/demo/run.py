@@ -7,60 +7,37 @@ by the new model comes back. A bad record and a bad model show the dead-letter p
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
+from pathlib import Path
 
+from jobs import JOB_MODULES
 from jobs.settings import Settings
 from modelserving.kafka import clients as client
 from modelserving.kafka.admin import create_topics
+from modelserving.local import processes
+from modelserving.local.job_process import JobProcess
 from modelserving.paths import var_dir
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 
-DEMO_DIR = var_dir() / "demo"
-#: The local Flink is on loopback: never ask an HTTP proxy from the environment for it.
-LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def demo_dir() -> Path:
+    """Where the demo keeps its broker, logs and job output (under the var dir)."""
+    return var_dir() / "demo"
 
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def wait_for_running_job(rest_port: int, job: subprocess.Popen, timeout_s: float = 180) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if job.poll() is not None:
-            raise RuntimeError(f"the job exited with code {job.returncode}; see {DEMO_DIR / 'job.log'}")
-        try:
-            with LOCAL.open(f"http://127.0.0.1:{rest_port}/jobs/overview", timeout=2) as r:
-                jobs = json.load(r)["jobs"]
-            running = [j for j in jobs if j["state"] == "RUNNING"]
-            if running and all(running[0]["tasks"].get(k, 0) == 0 for k in ("created", "scheduled", "deploying")):
-                return running[0]["jid"]
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the job was not running after {timeout_s:.0f} s; see {DEMO_DIR / 'job.log'}")
-
-
 class Follower(client.OutputFollower):
     """Prints switches, dead letters and a sample of results, and counts them."""
 
     def __init__(self, settings: Settings, sample_every: int = 10):
-        super().__init__(settings.bootstrap_servers, settings.results_topic, settings.dead_letter_topic)
+        super().__init__(settings)
         self.sample_every = sample_every
         self.counts: Counter = Counter()
         self.current_model = None
@@ -88,16 +65,17 @@ class Follower(client.OutputFollower):
 
 def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 9092,
              rate: float = 20.0, switch_every_s: float = 20.0) -> int:
-    from modelserving.local.kafka_broker import LocalKafka, free_port
+    from modelserving.local.kafka_broker import LocalKafka
     from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for, load_manifest, train_all
 
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(DEMO_DIR / "kafka", ignore_errors=True)  # every demo starts from empty topics
-    if not port_is_free(kafka_port):
-        kafka_port = free_port()
-    if not port_is_free(rest_port):
+    workdir = demo_dir()
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / "kafka", ignore_errors=True)  # every demo starts from empty topics
+    if not processes.port_is_free(kafka_port):
+        kafka_port = processes.free_port()
+    if not processes.port_is_free(rest_port):
         raise SystemExit(f"port {rest_port} is taken; pass --rest-port for the Flink web UI")
-    broker = LocalKafka(DEMO_DIR / "kafka", port=kafka_port, controller_port=free_port())
+    broker = LocalKafka(workdir / "kafka", port=kafka_port, controller_port=processes.free_port())
     job = None
     follower = None
     state_service = None
@@ -112,28 +90,23 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         except (FileNotFoundError, ValueError):
             say(f"training the demo models into {models_dir} ...")
             models = train_all(models_dir)
-        settings = Settings.from_sources(
-            [], bootstrap_servers=broker.bootstrap, model_dirs=(str(models_dir.resolve()),),
-            parallelism=2, rest_port=rest_port, checkpoint_interval_ms=5000).for_job("keyed")
+        settings = broker.client_settings(Settings.from_sources(
+            [], model_dirs=(str(models_dir.resolve()),), parallelism=2, rest_port=rest_port,
+            checkpoint_interval_ms=5000)).for_job("keyed")
         create_topics(settings)
         say("starting the keyed job on a local Flink ...")
-        log_file = open(DEMO_DIR / "job.log", "w")
-        flink_logs = DEMO_DIR / "flink-log"  # the local Flink's log, with the Python workers' lines
-        job = subprocess.Popen([sys.executable, "-m", "jobs.keyed_job"], stdout=log_file,
-                               stderr=subprocess.STDOUT,
-                               env={**os.environ, **settings.to_environ(), "FLINK_LOG_DIR": str(flink_logs)},
-                               start_new_session=True)
-        jid = wait_for_running_job(rest_port, job)
-        say(f"job running; Flink web UI: http://localhost:{rest_port}/#/job/running/{jid}/overview "
-            f"(logs: {DEMO_DIR / 'job.log'}, {flink_logs})")
+        job = JobProcess(JOB_MODULES["keyed"], settings, workdir / "job.log")
+        job.start(timeout_s=240)
+        say(f"job running; Flink web UI: http://localhost:{rest_port}/#/job/running/{job.job_id}/overview "
+            f"(logs: {job.log_path}, {job.flink_log_dir})")
         follower = Follower(settings)
         follower.start()
         from modelserving.state.service import StateService
-        state_service = StateService(settings.bootstrap_servers, topic=settings.state_topic,
-                                     port=5500 if port_is_free(5500) else 0).start()
+        state_service = StateService(settings,
+                                     port=5500 if processes.port_is_free(5500) else 0).start()
         say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models)")
 
-        kafka = client.producer(settings.bootstrap_servers)
+        kafka = client.producer(settings)
         rows = client.demo_rows()
         publisher = threading.Thread(
             target=lambda: client.publish_records(kafka, settings.data_topic, rows, rate=rate,
@@ -158,7 +131,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
             if now >= next_status:
                 say("results so far: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
                 next_status = now + 5
-            time.sleep(0.2)
+            interrupted.wait(0.2)
     except KeyboardInterrupt:
         pass
     finally:
@@ -168,12 +141,8 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
             say("results: " + ", ".join(f"{k}: {v}" for k, v in sorted(follower.counts.items())))
         if state_service is not None:
             state_service.stop()
-        if job is not None and job.poll() is None:
-            os.killpg(job.pid, signal.SIGTERM)
-            try:
-                job.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
+        if job is not None:
+            job.stop()
         broker.stop()
         say("stopped Flink and Kafka")
     return 0
