@@ -47,7 +47,8 @@ class JobProcess:
 
     def start(self, timeout_s: float = 240) -> "JobProcess":
         """Start the job and return once every task runs; ``FlinkClusterError`` if the
-        process exits first, ``DeadlineExceeded`` after ``timeout_s``."""
+        process exits first, ``DeadlineExceeded`` after ``timeout_s`` (either way the
+        process is stopped)."""
         env = {**os.environ, **self.settings.to_environ(),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                            os.environ.get("PYTHONPATH")])),
@@ -57,8 +58,12 @@ class JobProcess:
         self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=PROJECT_ROOT,
                                         stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
-        job = flink_rest.wait_job_running(self.url, timeout_s=timeout_s, alive=self._check_alive,
-                                          details=self.log_tail)
+        try:
+            job = flink_rest.wait_job_running(self.url, timeout_s=timeout_s,
+                                              alive=self._check_alive, details=self.log_tail)
+        except BaseException:
+            self.stop()  # a start that fails leaves no job (and no local Flink) behind
+            raise
         self.job_id = job["jid"]
         return self
 
