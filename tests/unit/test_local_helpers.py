@@ -183,3 +183,19 @@ def test_job_zip_python_path_imports_the_jobs_without_the_tooling(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(archive)], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+# -- a job process that cannot start ---------------------------------------------------------
+
+def test_a_job_process_that_exits_is_reported_with_its_log_and_leaves_nothing(tmp_path):
+    from jobs.settings import Settings
+    from modelserving.errors import FlinkClusterError
+    from modelserving.local.job_process import JobProcess
+
+    settings = Settings.from_sources([], environ={}, connector_jar=str(tmp_path / "connector.jar"))
+    job = JobProcess("jobs.no_such_job", settings, tmp_path / "job.log")
+    assert job.settings.rest_port > 0  # a free port of its own
+    with pytest.raises(FlinkClusterError, match="jobs.no_such_job exited with code 1") as raised:
+        job.start(timeout_s=60)
+    assert "No module named jobs.no_such_job" in str(raised.value)  # the log tail
+    assert not processes.is_alive(job.process.pid)
