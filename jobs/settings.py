@@ -115,6 +115,11 @@ class Settings:
         "INFO", "level of the job's own log lines: INFO says what a person needs (model loaded, "
         "replaced, rejected, job settings); DEBUG adds per-record detail",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    var_dir: str = _setting(
+        "", "tooling only: where the commands keep what they write (local broker, Flink cluster, "
+        "models, demo and benchmark output); empty: var/ in the project")
+    jars_dir: str = _setting(
+        "", "tooling only: where `jars fetch` puts the pinned jars; empty: build/jars in the project")
     security_protocol: str = _setting(
         "", "Kafka security protocol of every client (jobs, CLI, state service, benchmark): "
         "PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL; empty: the properties file's, else PLAINTEXT",

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-MODEL_TYPES = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
+from modelserving.bench import IN_PROCESS, JOBS, MODEL_TYPES, PASS_THROUGH, PLAIN_LOOP
+
 NO_MODEL = "NONE"
-JOBS = ("keyed", "broadcast")
-PLAIN_LOOP = "plain-loop"
-PASS_THROUGH = "pass-through"
-IN_PROCESS = "in-process"
+#: Table order: the jobs, then what they are compared with.
 SYSTEMS = (*JOBS, PLAIN_LOOP, IN_PROCESS, PASS_THROUGH)
 # Formats the throughput and latency targets are promised for (PMML is too slow per record to count).
 TARGET_MODEL_TYPES = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW")

@@ -27,23 +27,22 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from jobs import JOB_MODULES
 from jobs.settings import Settings
-from modelserving.kafka.clients import demo_rows
+from modelserving.bench import JOBS, PASS_THROUGH, SYSTEMS, workload
+from modelserving.bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
+from modelserving.demo.training import TrainedModel, demo_rows, descriptor_for, load_manifest, train_all
 from modelserving.kafka.admin import ensure_topics
+from modelserving.local.job_process import JobProcess
 from modelserving.local.kafka_broker import LocalKafka
 from modelserving.local.processes import free_ports
-from modelserving.local.job_process import PROJECT_ROOT, JobProcess
-from modelserving.demo.training import TrainedModel, descriptor_for, load_manifest, train_all
+from modelserving.paths import PROJECT_ROOT
 from protos import ModelType, ServingResult
-from modelserving.bench import workload
-from modelserving.bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
+from udfs.runtimes import FORMAT_NAMES as FORMATS
 
 log = logging.getLogger("bench")
 
-FORMATS = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW", "PMML")
-JOB_SYSTEMS = {"keyed": "jobs.keyed_job", "broadcast": "jobs.broadcast_job",
-               "pass-through": "modelserving.bench.passthrough_job"}
-SYSTEMS = ("keyed", "broadcast", "plain-loop", "pass-through", "in-process")
+JOB_SYSTEMS = {**JOB_MODULES, PASS_THROUGH: "modelserving.bench.passthrough_job"}
 PASS_THROUGH_TYPE = "NONE"
 
 
@@ -283,7 +282,7 @@ class Bench:
                 if name == "pass-through":
                     entry["model_type"] = PASS_THROUGH_TYPE
                 entries.append(entry)
-                if switches and name in ("keyed", "broadcast"):
+                if switches and name in JOBS:
                     switch_entries.append(self.model_switch(system, model_type))
         except Exception as exc:
             log.exception("%s failed: %s", label or name, exc)

@@ -42,7 +42,8 @@ def cmd_publish_records(args) -> int:
     if args.csv:
         rows = clients.rows_from_csv(args.csv, args.data_type or "wine")
     else:
-        rows = clients.demo_rows()
+        from modelserving.demo.training import demo_rows
+        rows = demo_rows()
     producer = clients.producer(settings)
     try:
         sent = clients.publish_records(producer, settings.data_topic, rows, rate=args.rate,

@@ -66,7 +66,7 @@ class Follower(client.OutputFollower):
 def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 9092,
              rate: float = 20.0, switch_every_s: float = 20.0) -> int:
     from modelserving.local.kafka_broker import LocalKafka
-    from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for, load_manifest, train_all
+    from modelserving.demo.training import DEMO_DATA_TYPE, demo_rows, descriptor_for, load_manifest, train_all
 
     workdir = demo_dir()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models)")
 
         kafka = client.producer(settings)
-        rows = client.demo_rows()
+        rows = demo_rows()
         publisher = threading.Thread(
             target=lambda: client.publish_records(kafka, settings.data_topic, rows, rate=rate,
                                                   loop=True, count=int(rate * duration_s) if duration_s else 0),

@@ -297,3 +297,13 @@ def descriptor_for(model: TrainedModel, data_type: str = DEMO_DATA_TYPE) -> Mode
     else:
         descriptor.location = str(Path(model.path).resolve())
     return descriptor
+
+
+def demo_rows(seed: int = 7) -> list["Row"]:
+    """The bundled demo dataset as records, shuffled (it is sorted by class), ids by row."""
+    from modelserving.kafka.clients import Row
+
+    names, X, _, _ = demo_dataset()
+    order = np.random.default_rng(seed).permutation(len(X))
+    return [Row(DEMO_DATA_TYPE, tuple(names), tuple(float(v) for v in X[i]), f"cultivar-{i}")
+            for i in order]

@@ -209,16 +209,6 @@ def describe_message(message) -> str:
             f"({message.scoringMicros:.0f} µs, subtask {message.subtask})")
 
 
-def demo_rows(seed: int = 7) -> list[Row]:
-    """The bundled demo dataset as records, shuffled (it is sorted by class), ids by row."""
-    import numpy as np
-
-    from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset
-
-    names, X, _, _ = demo_dataset()
-    order = np.random.default_rng(seed).permutation(len(X))
-    return [Row(DEMO_DATA_TYPE, tuple(names), tuple(float(v) for v in X[i]), f"cultivar-{i}")
-            for i in order]
 
 
 class OutputFollower(threading.Thread):

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from jobs.settings import Settings
 from modelserving.errors import DeadlineExceeded, FlinkClusterError
 from modelserving.local import flink_rest, processes
 from modelserving.local.flink_config import (
@@ -333,7 +334,7 @@ class LocalFlinkCluster:
         # "--" ends Flink's own options, so job settings such as --parallelism reach the job
         # (without it, `flink run` takes an option it knows as its own).
         cmd += ["--pyModule", module, "--", *map(str, job_args)]
-        client_env = {**self._connector_env(env), **(env or {})}
+        client_env = {**self._connector_env(job_args, env), **(env or {})}
         try:
             done = subprocess.run(cmd, env=self.environment(client_env), cwd=self.project_root,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -353,10 +354,12 @@ class LocalFlinkCluster:
         return build_zip(self.workdir / "pyfiles", self.python_packages, self.project_root)
 
     @staticmethod
-    def _connector_env(env: dict | None) -> dict[str, str]:
+    def _connector_env(job_args: Sequence[str], env: dict | None) -> dict[str, str]:
         """The jobs add the Kafka connector jar only when told where it is; the shipped
-        packages cannot find this checkout's jars, so the client is always told."""
-        if (env or {}).get("MODELSERVING_CONNECTOR_JAR") or os.environ.get("MODELSERVING_CONNECTOR_JAR"):
+        packages cannot find this checkout's jars, so the client is told unless the job's
+        settings name one already."""
+        given = Settings.from_sources(list(map(str, job_args)), environ={**os.environ, **(env or {})})
+        if given.connector_jar:
             return {}
         from modelserving.local.jars import connector_jar
         return {"MODELSERVING_CONNECTOR_JAR": str(connector_jar())}

@@ -14,7 +14,7 @@ from modelserving.kafka import clients as client
 from modelserving.kafka.clients import Row, encode_record
 from modelserving.local.job_process import JobProcess  # noqa: F401  (the tests' name for it)
 from modelserving.local.waiting import wait_until
-from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
+from modelserving.demo.training import DEMO_DATA_TYPE, demo_rows, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ServingResult
 
 MAX_MODEL_BYTES = 1_000_000
@@ -72,7 +72,7 @@ class Scenario:
             self.producer.send(self.settings.models_topic, value=descriptor).get(10)
 
     def rows(self, prefix: str, n: int, data_type: str = DEMO_DATA_TYPE) -> list[Row]:
-        base = client.demo_rows()
+        base = demo_rows()
         return [Row(data_type, base[i % len(base)].names, base[i % len(base)].values,
                     f"{prefix}-{i}") for i in range(n)]
 
@@ -152,7 +152,7 @@ class Deployment:
         self.job_id: str | None = None
         self.model_published = False
         self.counter = itertools.count()
-        self.base = client.demo_rows()
+        self.base = demo_rows()
 
     def job_args(self) -> list[str]:
         s = self.settings

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jobs.settings import Settings
-from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
+from modelserving.demo.training import DEMO_DATA_TYPE, demo_rows, descriptor_for
 from modelserving.errors import KafkaToolError
 from modelserving.kafka import clients
 from modelserving.kafka.admin import create_topics, ensure_topics
@@ -134,7 +134,7 @@ def test_topic_admin_producer_consumer_and_follower(secured, tmp_path, credentia
     outputs = Outputs(settings)
     outputs.start()
     try:
-        sent = clients.publish_records(producer, settings.data_topic, clients.demo_rows()[:5])
+        sent = clients.publish_records(producer, settings.data_topic, demo_rows()[:5])
         assert sent == 5
         producer.send(settings.results_topic, scored("r-1")).get(30)
         producer.send(settings.dead_letter_topic, DeadLetter(reason="bad").SerializeToString()).get(30)
@@ -273,7 +273,7 @@ def test_job_serves_and_publishes_statistics_read_by_the_state_service(secured, 
         job.start()
         outputs.start()
         clients.publish_model(producer, settings.models_topic, descriptor_for(model))
-        rows = clients.demo_rows()
+        rows = demo_rows()
         sent = iter(range(10_000))
 
         def scored_by_model():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from jobs.settings import Settings
-from modelserving.kafka.clients import Row, demo_rows, encode_record
+from modelserving.demo.training import demo_rows
+from modelserving.kafka.clients import Row, encode_record
 from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
 from udfs.models import load_request, parse_descriptor

@@ -297,7 +297,8 @@ def test_the_keyed_join_scores_waiting_records_by_the_model_they_arrived_under(t
 
     from jobs.settings import Settings
     from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
-    from modelserving.kafka.clients import demo_rows, encode_record
+    from modelserving.demo.training import demo_rows
+    from modelserving.kafka.clients import encode_record
     from protos import ModelType, ServingResult
     from udfs.flink.joins import DEAD_LETTERS, KeyedServing
 
