@@ -48,20 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if getattr(args, "takes_settings", False):
-        args.job_args = list(getattr(args, "job_args", None) or []) + unknown
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or \
+        "--verbose" in (argv if argv is not None else sys.argv[1:])
     try:
+        parser = build_parser()   # defaults read settings too: a bad variable fails here
+        args, unknown = parser.parse_known_args(argv)
+        if getattr(args, "takes_settings", False):
+            args.job_args = list(getattr(args, "job_args", None) or []) + unknown
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            logging.getLogger("kafka").setLevel(logging.CRITICAL)
         return args.func(args) or 0
     except (ToolError, SettingsError) as exc:
-        return report_failure(exc, verbose=args.verbose)
+        return report_failure(exc, verbose=verbose)
     except KeyboardInterrupt:
         return 130
 
