@@ -15,8 +15,7 @@ from functools import partial
 from pyflink.common import Types
 from pyflink.datastream import DataStream
 
-from jobs.kafka_config import kafka_python
-from jobs.pipeline import run_job
+from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
 from udfs.flink.keys import balanced_spread_keys, spread_key
@@ -29,7 +28,7 @@ def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
     """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
     ``serving`` replaces the join function (tests observe the join through a subclass)."""
     if serving is None:
-        serving = BroadcastServing(settings, kafka_python(settings, acks=1, linger_ms=100))
+        serving = BroadcastServing(settings, stats_producer_config(settings))
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
     parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)

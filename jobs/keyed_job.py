@@ -12,8 +12,7 @@ import sys
 from pyflink.common import Types
 from pyflink.datastream import DataStream
 
-from jobs.kafka_config import kafka_python
-from jobs.pipeline import run_job
+from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing
 from udfs.flink.keys import model_data_type
@@ -31,7 +30,7 @@ def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
     scored, with nothing but its bytes in either crossing. ``serving`` replaces the join
     function (tests observe the join through a subclass)."""
     if serving is None:
-        serving = KeyedServing(settings, kafka_python(settings, acks=1, linger_ms=100))
+        serving = KeyedServing(settings, stats_producer_config(settings))
     results = data.connect(models) \
         .key_by(record_data_type, model_data_type, key_type=Types.STRING()) \
         .process(serving, output_type=BYTES) \

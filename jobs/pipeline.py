@@ -23,7 +23,7 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 
-from jobs.kafka_config import FLINK_SQL_CONNECTOR_PACKAGE, java_properties
+from jobs.kafka_config import FLINK_SQL_CONNECTOR_PACKAGE, java_properties, kafka_python
 from jobs.settings import Settings
 
 log = logging.getLogger("modelserving")
@@ -92,6 +92,12 @@ def connector_properties(settings: Settings) -> dict[str, str]:
     jar = Path(settings.connector_jar).name if settings.connector_jar else ""
     relocated = not jar or "sql-connector" in jar
     return java_properties(settings, FLINK_SQL_CONNECTOR_PACKAGE if relocated else "")
+
+
+def stats_producer_config(settings: Settings) -> dict:
+    """The statistics producer inside the serving function: computed here, on the client,
+    so the function needs no settings translation of its own. Snapshots, so acks=1."""
+    return kafka_python(settings, acks=1, linger_ms=100)
 
 
 def kafka_source(settings: Settings, topic: str, group_id: str,
