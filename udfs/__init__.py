@@ -1,1 +1,3 @@
-"""Scoring code shared by the Flink jobs. Nothing under ``udfs.runtimes`` imports pyflink."""
+"""What runs in the Flink Python workers: the serving core (``records``, ``models``,
+``serving``, ``statistics``, ``errors``), the model runtimes (``runtimes``, no pyflink) and
+the Flink functions (``flink``)."""

@@ -43,3 +43,8 @@ class ModelRejected(ModelError):
 
 class ModelLoadError(ModelError):
     """The model library could not build a model from the bytes or location."""
+
+
+class OutputError(ValueError):
+    """A model's outputs cannot be read as class probabilities, class labels or a regression
+    value; raised while a runtime is built, where it becomes a ``ModelLoadError``."""

@@ -19,7 +19,8 @@ from udfs.errors import ModelLoadError, ModelRejected, RecordError, UnknownModel
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES
 from udfs.runtimes import SUPPORTED_TYPES, load_model, runtime_for
 from udfs.runtimes.base import FeatureBatch, LoadRequest
-from udfs.runtimes.outputs import FIXED_CALL_ROWS, OutputError, OutputReader, in_fixed_calls, interpret
+from udfs.errors import OutputError
+from udfs.runtimes.outputs import FIXED_CALL_ROWS, OutputReader, in_fixed_calls, interpret
 
 REPO = Path(__file__).resolve().parents[2]
 TUTORIAL = REPO.parent / "shared" / "tutorial"

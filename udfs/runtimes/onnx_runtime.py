@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from udfs.errors import ModelLoadError
+from udfs.errors import ModelLoadError, OutputError
 from udfs.runtimes.base import FeatureBatch, LoadRequest, ModelRuntime, Prediction
-from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error,
+from udfs.runtimes.outputs import (OutputReader, check_batch, describe_error,
                                    vector_input_names, who)
 
 _INPUT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}

@@ -23,16 +23,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from udfs.errors import ModelLoadError, RecordError
+from udfs.errors import ModelLoadError, OutputError, RecordError
 from udfs.features import canonical_features
 from udfs.runtimes.base import FeatureBatch, LoadRequest, Prediction
 
 #: Output names that mark the probability tensor when a model has several float matrices.
 _PROBABILITY_HINTS = ("prob", "proba", "softmax", "scores")
-
-
-class OutputError(ValueError):
-    """The outputs cannot be read as class probabilities, class labels or a regression value."""
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from udfs.errors import ModelLoadError
+from udfs.errors import ModelLoadError, OutputError
 from udfs.runtimes.base import FeatureBatch, LoadRequest, ModelRuntime, Prediction
-from udfs.runtimes.outputs import (OutputError, OutputReader, check_batch, describe_error, in_fixed_calls,
+from udfs.runtimes.outputs import (OutputReader, check_batch, describe_error, in_fixed_calls,
                                    vector_input_names, who)
 from udfs.runtimes.tensorflow_graph import import_tensorflow
 
