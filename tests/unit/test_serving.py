@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from modelserving.kafka.clients import Row, encode_record
 from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset, descriptor_for
+from modelserving.kafka.clients import Row, encode_record
 from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
 from udfs.errors import ModelError, ModelLoadError, ModelRejected, UnknownModelType
 from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, ModelServer, Withdrawal
@@ -188,12 +189,18 @@ def test_bad_models_are_refused_with_a_reason(server, raw, error, reason):
     assert reason in letter.reason and letter.sourceTopic == "models"
 
 
-def test_symlink_out_of_the_model_dirs_is_refused(server, tmp_path, trained_models):
-    model_dir = server.model_dirs[0]
+def test_symlink_out_of_the_model_dirs_is_refused(tmp_path, trained_models):
+    """A link inside a model directory that leads out of it is refused (the shared models
+    fixture is left alone: the link lives in a model directory of this test's own)."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    outside = Path(trained_models[ModelType.TENSORFLOWSAVED].path)   # real, but not in model_dir
     link = model_dir / "escape"
-    link.symlink_to("/etc")
+    link.symlink_to(outside, target_is_directory=True)
+    own = ModelServer(model_dirs=[model_dir], max_model_bytes=5_000_000,
+                      data_topic="mdata", models_topic="models", subtask=1)
     with pytest.raises(ModelRejected, match="outside the model directories"):
-        server.build(descriptor(modeltype=ModelType.TENSORFLOWSAVED, location=str(link)))
+        own.build(descriptor(modeltype=ModelType.TENSORFLOWSAVED, location=str(link)))
 
 
 def test_model_too_large_at_its_location(trained_models, tmp_path):
