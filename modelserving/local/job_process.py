@@ -16,7 +16,7 @@ from modelserving.errors import FlinkClusterError
 from modelserving.local import flink_rest, http, processes
 from modelserving.paths import PROJECT_ROOT
 
-__all__ = ["JobProcess", "PROJECT_ROOT"]
+__all__ = ["JobProcess"]
 
 
 class JobProcess:
