@@ -25,7 +25,8 @@ from jobrunner import Deployment
 
 pytestmark = pytest.mark.e2e
 
-RECORDS = 600        # at ~25/s: the stream outlasts two kills and restarts
+TAIL_RECORDS = 100   # sent after the second kill's recovery: the stream outlasts both kills
+MAX_RECORDS = 4000   # at ~25/s, 160 s: a bound, should recovery never come
 BAD_EVERY = 100      # every 100th record is garbage, to check dead letters too
 
 
@@ -48,16 +49,27 @@ def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, 
         client.publish_model(deployment.producer, settings.models_topic, descriptor_for(model))
         deployment.wait_until_scored_by(model.name, timeout_s=180)
 
-        ids = [f"eo-{i}" for i in range(RECORDS)]
-        bad = {i: f"garbage {suffix} {i}".encode() for i in range(0, RECORDS, BAD_EVERY)}
+        def garbage(i: int) -> bytes:
+            return f"garbage {suffix} {i}".encode()
+
+        count = [0]          # records sent so far, written by the sender only
+        kills_done = threading.Event()
         sent = threading.Event()
 
         def stream() -> None:
-            for i, record_id in enumerate(ids):
-                if i in bad:
-                    deployment.producer.send(settings.data_topic, value=bad[i])
+            """Records until both kills are over plus a tail, so the kills always happen
+            while records flow, however long a recovery takes."""
+            tail_end = None
+            for i in range(MAX_RECORDS):
+                if kills_done.is_set() and tail_end is None:
+                    tail_end = i + TAIL_RECORDS
+                if tail_end is not None and i >= tail_end:
+                    break
+                if i % BAD_EVERY == 0:
+                    deployment.producer.send(settings.data_topic, value=garbage(i))
                 else:
                     deployment.send([deployment.row("eo", i)])
+                count[0] = i + 1
                 time.sleep(0.04)
             deployment.producer.flush()
             sent.set()
@@ -75,7 +87,12 @@ def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, 
             faults.start_taskmanager(flink, timeout=90)
             flink.wait_restarted(deployment.job_id, since=killed_at, timeout=180)
             kills.append(time.time() - killed_at)
+        kills_done.set()
         assert sent.wait(120), "the stream did not finish"
+        assert count[0] < MAX_RECORDS, "the stream hit its bound before both kills were over"
+
+        ids = [f"eo-{i}" for i in range(count[0])]
+        bad = {i: garbage(i) for i in range(0, count[0], BAD_EVERY)}
 
         good_ids = [record_id for i, record_id in enumerate(ids) if i not in bad]
         deployment.collector.wait_for(lambda c: len(c.results_for(good_ids)) == len(good_ids), 240,
