@@ -1,6 +1,7 @@
 """The shared scoring function: records and models in, results and dead letters out."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -185,7 +186,10 @@ def test_bad_models_are_refused_with_a_reason(server, raw, error, reason):
         server.build(raw)
     assert reason in str(caught.value)
     letter = DeadLetter.FromString(server.model_dead_letter(raw, caught.value))
-    assert letter.kind == DeadLetter.BAD_MODEL and letter.raw == raw
+    assert letter.kind == DeadLetter.BAD_MODEL and letter.raw == raw[:64 * 1024]
+    assert letter.rawSize == len(raw) and letter.rawTruncated == (len(raw) > 64 * 1024)
+    assert letter.rawSha256 == hashlib.sha256(raw).hexdigest()
+    assert letter.exceptionType == error.__name__
     assert reason in letter.reason and letter.sourceTopic == "models"
 
 
