@@ -295,8 +295,8 @@ class LocalFlinkCluster:
             lines = [line.strip() for line in pid_file.read_text().splitlines() if line.strip()]
         except OSError:
             return
-        kept = [line for line in lines if line.isdigit() and int(line) in self._jvms(
-            TM_CLASS if daemon == "taskexecutor" else JM_CLASS)]
+        live = set(self._jvms(TM_CLASS if daemon == "taskexecutor" else JM_CLASS))
+        kept = [line for line in lines if line.isdigit() and int(line) in live]
         if kept == lines:
             return
         if kept:
