@@ -362,10 +362,10 @@ class LocalFlinkCluster:
                           interval_s=flink_rest.POLL_S, details=self.log_tail)
 
     def start_taskmanager(self, timeout: float = 60) -> str:
-        """One more TaskManager (``bin/taskmanager.sh start``), after ending what dead ones
-        left behind (``reap_orphans()``); returns its resource id once it has registered
-        with the JobManager."""
-        self.reap_orphans()
+        """One more TaskManager (``bin/taskmanager.sh start``), ending what dead ones left
+        behind (``reap_orphans()``) while its JVM boots; returns its resource id once it has
+        registered with the JobManager."""
+        self._forget_dead_pids("taskexecutor")
         resource_id = f"tm-{uuid.uuid4().hex[:8]}"
         done = self.run_script("taskmanager.sh", "start", "-D",
                                f"taskmanager.resource-id={resource_id}", timeout=timeout,
@@ -373,6 +373,8 @@ class LocalFlinkCluster:
         if done.returncode != 0:
             raise FlinkClusterError(f"taskmanager.sh start failed ({done.returncode}):\n"
                                     f"{done.stdout}")
+        # the new JVM is one of the cluster's, so its own processes are never orphans
+        self.reap_orphans(grace_s=2.0)
         self.wait_taskmanagers(1, timeout, resource_id=resource_id)
         return resource_id
 
