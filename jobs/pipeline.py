@@ -23,7 +23,12 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 
-from jobs.kafka_config import FLINK_SQL_CONNECTOR_PACKAGE, java_properties, kafka_python
+from jobs.kafka_config import (
+    FLINK_SQL_CONNECTOR_PACKAGE,
+    MAX_MESSAGE_BYTES,
+    java_properties,
+    kafka_python,
+)
 from jobs.settings import Settings
 
 log = logging.getLogger("modelserving")
@@ -115,6 +120,13 @@ def kafka_source(settings: Settings, topic: str, group_id: str,
     return builder.build()
 
 
+def sink_properties(settings: Settings) -> dict[str, str]:
+    """Kafka producer properties of the sinks: the connector's, and requests as large as the
+    topics accept (``MAX_MESSAGE_BYTES``, the limit the topics are created with), so a result
+    or dead letter the topic takes never fails the sink (the producer default is 1 MiB)."""
+    return {**connector_properties(settings), "max.request.size": str(MAX_MESSAGE_BYTES)}
+
+
 def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
     serializer = (KafkaRecordSerializationSchema.builder()
                   .set_topic(topic)
@@ -130,7 +142,7 @@ def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
                .set_property("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS))
     if guarantee == DeliveryGuarantee.EXACTLY_ONCE:
         builder.set_transactional_id_prefix(f"{settings.transactional_id_prefix}-{purpose}")
-    for key, value in connector_properties(settings).items():
+    for key, value in sink_properties(settings).items():
         builder.set_property(key, value)
     return builder.build()
 

@@ -73,6 +73,12 @@ class Settings:
     max_inline_model_bytes: int = _setting(
         16 * 1024 * 1024, "largest inline model: inline descriptors are kept in Flink state "
         "(checkpointed), so larger models must be sent by location")
+    dead_letter_max_raw_bytes: int = _setting(
+        64 * 1024, "a dead letter keeps at most this many bytes of its raw input (with the "
+        "input's whole size and SHA-256), so any input's dead letter fits the topic")
+    max_result_bytes: int = _setting(
+        1024 * 1024, "largest serialized ServingResult; a bigger one (a model with a huge "
+        "output) becomes a dead letter \"result too large (N bytes > limit)\" instead")
     spread_keys: int = _setting(
         1, "broadcast job: spreading keys per parallel instance (chosen so Flink routes them "
         "evenly); micro-batches are per key, so more keys mean smaller batches")
@@ -208,6 +214,11 @@ class Settings:
             raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
+        for name in ("dead_letter_max_raw_bytes", "max_result_bytes"):
+            # the topics' limit (jobs.kafka_config.MAX_MESSAGE_BYTES) is 20 MiB
+            if not 0 < getattr(self, name) <= 10 * 1024 * 1024:
+                raise SettingsError(f"{name} must be positive and at most 10 MiB (half the "
+                                    f"topics' message limit), not {getattr(self, name)}")
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
                   self.state_topic]
         topics = [t for t in topics if t]

@@ -48,3 +48,7 @@ class ModelLoadError(ModelError):
 class OutputError(ValueError):
     """A model's outputs cannot be read as class probabilities, class labels or a regression
     value; raised while a runtime is built, where it becomes a ``ModelLoadError``."""
+
+
+class ResultTooLarge(RecordError):
+    """A result bigger than ``max_result_bytes`` (a model with a huge output)."""

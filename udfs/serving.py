@@ -6,6 +6,7 @@ cache of loaded models, rebuilt lazily from those bytes after a restore.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from protos import DeadLetter, ServingResult
-from udfs.errors import ModelError, RecordError
+from udfs.errors import ModelError, RecordError, ResultTooLarge
+from udfs.failures import FailureLog, describe as describe_failure
 from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
 from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
 from udfs.runtimes import load_model
@@ -24,6 +26,13 @@ log = logging.getLogger("modelserving")
 SCORED = "scored"
 NO_MODEL = "no_model"
 BAD_RECORD = "bad_record"
+INTERNAL_ERROR = "internal_error"   # the project's own code failed on the record
+
+#: Defaults of the settings ``dead_letter_max_raw_bytes`` and ``max_result_bytes``.
+DEAD_LETTER_MAX_RAW_BYTES = 64 * 1024
+MAX_RESULT_BYTES = 1024 * 1024
+#: Partition or offset of an input the serving function does not know (see README, Bad input).
+UNKNOWN = -1
 
 
 @dataclass
@@ -41,14 +50,14 @@ class Withdrawal:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str                     # SCORED, NO_MODEL or BAD_RECORD
-    payload: bytes                # ServingResult bytes, or DeadLetter bytes for BAD_RECORD
+    kind: str                     # SCORED, NO_MODEL, BAD_RECORD or INTERNAL_ERROR
+    payload: bytes                # ServingResult bytes, or DeadLetter bytes for the last two
     data_type: str
     micros: float = 0.0
 
     @property
     def is_dead_letter(self) -> bool:
-        return self.kind == BAD_RECORD
+        return self.kind in (BAD_RECORD, INTERNAL_ERROR)
 
 
 def now_ms() -> int:
@@ -60,13 +69,18 @@ class ModelServer:
 
     def __init__(self, *, model_dirs: Sequence[str | Path] = (), max_model_bytes: int,
                  data_topic: str, models_topic: str, subtask: int = 0,
-                 max_inline_model_bytes: int | None = None):
+                 max_inline_model_bytes: int | None = None,
+                 dead_letter_max_raw_bytes: int = DEAD_LETTER_MAX_RAW_BYTES,
+                 max_result_bytes: int = MAX_RESULT_BYTES, failures: FailureLog | None = None):
         self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
         self.max_model_bytes = max_model_bytes
         self.max_inline_model_bytes = max_inline_model_bytes or max_model_bytes
         self.data_topic = data_topic
         self.models_topic = models_topic
         self.subtask = subtask
+        self.dead_letter_max_raw_bytes = dead_letter_max_raw_bytes
+        self.max_result_bytes = max_result_bytes
+        self.failures = failures or FailureLog(log)
         self._cache: dict[str, LoadedModel] = {}
         self._broken: dict[str, tuple[str, ModelError]] = {}   # data type -> (model id, error)
 
@@ -126,11 +140,39 @@ class ModelServer:
         self.install(data_type, model)
         return model
 
+    def dead_letter(self, kind: int, raw: bytes, source_topic: str, reason: str,
+                    error: BaseException, data_type: str = "", model_name: str = "",
+                    model_version: str = "") -> bytes:
+        """DeadLetter bytes of any input: ``raw`` cut to ``dead_letter_max_raw_bytes``, with
+        the whole input's size and SHA-256, so a dead letter is bounded whatever came in."""
+        raw = bytes(raw or b"")
+        limit = self.dead_letter_max_raw_bytes
+        return DeadLetter(kind=kind, raw=raw[:limit], rawSize=len(raw),
+                          rawSha256=hashlib.sha256(raw).hexdigest(), rawTruncated=len(raw) > limit,
+                          exceptionType=type(error).__name__, sourceTopic=source_topic,
+                          reason=reason, dataType=data_type, modelName=model_name,
+                          modelVersion=model_version, atMs=now_ms(), subtask=self.subtask,
+                          sourcePartition=UNKNOWN, sourceOffset=UNKNOWN).SerializeToString()
+
     def model_dead_letter(self, raw: bytes, error: ModelError) -> bytes:
-        return DeadLetter(kind=DeadLetter.BAD_MODEL, raw=raw, sourceTopic=self.models_topic,
-                          reason=str(error), dataType=error.data_type, modelName=error.name,
-                          modelVersion=error.version, atMs=now_ms(),
-                          subtask=self.subtask).SerializeToString()
+        return self.dead_letter(DeadLetter.BAD_MODEL, raw, self.models_topic, str(error), error,
+                                error.data_type, error.name, error.version)
+
+    def internal_model_dead_letter(self, raw: bytes, error: Exception, where: str) -> bytes:
+        """A descriptor the project's own code failed on: logged (rate-limited), dead-lettered."""
+        self.failures.failed(where, error)
+        return self.dead_letter(DeadLetter.INTERNAL_ERROR, raw, self.models_topic,
+                                f"internal error {where}: {describe_failure(error)}", error)
+
+    def internal_error(self, raw: bytes, error: Exception, where: str, data_type: str = "",
+                       model: LoadedModel | None = None) -> Outcome:
+        """A record the project's own code failed on: logged (rate-limited), dead-lettered."""
+        self.failures.failed(where, error)
+        letter = self.dead_letter(DeadLetter.INTERNAL_ERROR, raw, self.data_topic,
+                                  f"internal error {where}: {describe_failure(error)}", error,
+                                  data_type, model.info.name if model else "",
+                                  model.info.version if model else "")
+        return Outcome(INTERNAL_ERROR, letter, data_type)
 
     def close(self) -> None:
         for model in self._cache.values():
@@ -141,7 +183,11 @@ class ModelServer:
 
     def serve(self, raws: Iterable[bytes], model: LoadedModel | None,
               model_error: ModelError | None = None) -> list[Outcome]:
-        """Score records of one data type with ``model`` as one batch, in input order."""
+        """Score records of one data type with ``model`` as one batch, in input order.
+
+        Never raises: a record the project's own code fails on becomes an INTERNAL_ERROR
+        dead letter, and a batch the model fails on is scored again record by record, so
+        only the records that fail alone are dead-lettered."""
         outcomes: list[Outcome | None] = []
         rows: list[list[float]] = []
         scored: list[tuple[int, ParsedRecord]] = []
@@ -163,23 +209,45 @@ class ModelServer:
             except RecordError as exc:
                 log.debug("record refused: %s", exc)
                 outcomes.append(self._bad_record(raw, exc, model, data_type))
+            except Exception as exc:  # a bug of ours on this record must not stop the job
+                outcomes.append(self.internal_error(raw, exc, "parsing a record", data_type, model))
         if rows:
-            self._score(model, rows, scored, outcomes)
+            try:
+                self._score(model, rows, scored, outcomes)
+            except Exception as exc:
+                if len(rows) == 1:
+                    position, record = scored[0]
+                    outcomes[position] = self._failed(record, exc, model)
+                else:   # find the record(s) it failed on: the others keep their results
+                    log.warning("%s failed to score a batch of %d, scoring its records one by "
+                                "one: %s", model.info, len(rows), describe_failure(exc))
+                    for row, (position, record) in zip(rows, scored):
+                        try:
+                            self._score(model, [row], [(position, record)], outcomes)
+                        except Exception as single:
+                            outcomes[position] = self._failed(record, single, model)
         return outcomes  # type: ignore[return-value]
 
+    def _failed(self, record: ParsedRecord, exc: Exception, model: LoadedModel) -> Outcome:
+        """A record the model failed on alone: a RecordError is the record's fault, anything
+        else an internal error of the runtime."""
+        if isinstance(exc, RecordError):
+            return self._bad_record(record.raw, exc, model, record.data_type)
+        return self.internal_error(record.raw, exc, f"scoring with {model.info}",
+                                   record.data_type, model)
+
     def _score(self, model: LoadedModel, rows, scored, outcomes) -> None:
+        """Score ``rows`` and fill the outcomes of ``scored``; raises when the model fails
+        (nothing is filled then)."""
         started = time.perf_counter()
-        try:
-            predictions = model.runtime.score(to_batch(rows, model.runtime.input_names))
-        except Exception as exc:  # a library failure on this input must not stop the job
-            log.warning("%s failed to score a batch of %d: %s", model.info, len(rows), exc)
-            for position, record in scored:
-                outcomes[position] = self._bad_record(
-                    record.raw, RecordError(f"scoring failed: {exc}"), model, record.data_type)
-            return
+        predictions = list(model.runtime.score(to_batch(rows, model.runtime.input_names)))
+        if len(predictions) != len(rows):
+            raise RuntimeError(f"{model.info} returned {len(predictions)} predictions for "
+                               f"{len(rows)} records")
         micros = (time.perf_counter() - started) * 1e6 / len(rows)
         served = now_ms()
         info = model.info
+        filled = []
         for (position, record), prediction in zip(scored, predictions):
             result = ServingResult(
                 status=ServingResult.SCORED, dataType=record.data_type, recordId=record.record_id,
@@ -187,7 +255,19 @@ class ModelServer:
                 modelType=info.model_type, score=prediction.value, label=prediction.label,
                 probabilities=prediction.probabilities, classLabels=prediction.class_labels,
                 scoringMicros=micros, servedMs=served, subtask=self.subtask)
-            outcomes[position] = Outcome(SCORED, result.SerializeToString(), record.data_type, micros)
+            filled.append((position, self._bounded(result, record, model, micros)))
+        for position, outcome in filled:
+            outcomes[position] = outcome
+
+    def _bounded(self, result: ServingResult, record: ParsedRecord, model: LoadedModel,
+                 micros: float) -> Outcome:
+        """The result, or a dead letter when it is larger than ``max_result_bytes``."""
+        payload = result.SerializeToString()
+        if len(payload) > self.max_result_bytes:
+            error = ResultTooLarge(f"result too large ({len(payload)} bytes > "
+                                   f"{self.max_result_bytes})")
+            return self._bad_record(record.raw, error, model, record.data_type)
+        return Outcome(SCORED, payload, record.data_type, micros)
 
     def _no_model(self, record: ParsedRecord) -> bytes:
         return ServingResult(status=ServingResult.NO_MODEL, dataType=record.data_type,
@@ -196,12 +276,10 @@ class ModelServer:
 
     def _bad_record(self, raw: bytes, error: RecordError, model: LoadedModel | None,
                     data_type: str) -> Outcome:
-        letter = DeadLetter(kind=DeadLetter.BAD_RECORD, raw=raw, sourceTopic=self.data_topic,
-                            reason=str(error), dataType=data_type,
-                            modelName=model.info.name if model else "",
-                            modelVersion=model.info.version if model else "",
-                            atMs=now_ms(), subtask=self.subtask)
-        return Outcome(BAD_RECORD, letter.SerializeToString(), data_type)
+        letter = self.dead_letter(DeadLetter.BAD_RECORD, raw, self.data_topic, str(error), error,
+                                  data_type, model.info.name if model else "",
+                                  model.info.version if model else "")
+        return Outcome(BAD_RECORD, letter, data_type)
 
 
 def _close_quietly(model: LoadedModel) -> None:

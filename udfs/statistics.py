@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from protos import ModelStats
-from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, Outcome, now_ms
+from udfs.serving import NO_MODEL, SCORED, LoadedModel, Outcome, now_ms
 
 KEYED_PART = -1
 
@@ -58,7 +58,7 @@ def count(stats: ModelStats, outcomes: Iterable[Outcome]) -> None:
             stats.totalMicros += micros
         elif outcome.kind == NO_MODEL:
             stats.noModel += 1
-        elif outcome.kind == BAD_RECORD:
+        elif outcome.is_dead_letter:
             stats.deadLetters += 1
 
 

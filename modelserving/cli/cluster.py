@@ -120,6 +120,11 @@ def cmd_cluster(args) -> int:
     if not cluster.is_running():
         print(f"Flink ({cluster.workdir}): not running")
         return 1
+    reaped = cluster.reap_orphans()
+    if reaped:
+        lost = ", ".join(sorted(set(reaped.values())))
+        print(f"ended {len(reaped)} process(es) left behind by lost TaskManager(s) ({lost}): "
+              f"pids {', '.join(map(str, sorted(reaped)))}")
     tms = cluster.rest("/taskmanagers").get("taskmanagers", [])
     jobs = _jobs(cluster)
     free = sum(tm.get("freeSlots", 0) for tm in tms)

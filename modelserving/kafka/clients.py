@@ -195,7 +195,7 @@ def describe_message(message) -> str:
     """One readable line per result or dead letter."""
     if isinstance(message, DeadLetter):
         kind = DeadLetter.Kind.Name(message.kind)
-        return (f"DEAD LETTER {kind:<10} {message.dataType or '-':<14} {len(message.raw):>7} bytes "
+        return (f"DEAD LETTER {kind:<10} {message.dataType or '-':<14} {message.rawSize or len(message.raw):>7} bytes "
                 f"from {message.sourceTopic}: {message.reason}")
     if message.status == ServingResult.NO_MODEL:
         return f"NO MODEL   {message.dataType:<14} record {message.recordId or '-'}"

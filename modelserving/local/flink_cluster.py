@@ -20,6 +20,14 @@ The distribution's scripts run with ``FLINK_HOME`` = the pyflink package directo
 ``--configDir <workdir/conf>`` on their command line, its other processes (Python workers,
 a hanging ``flink run``) by ``FLINK_CONF_DIR=<workdir/conf>`` in their environment.
 
+A TaskManager's descendants (its Python workers, their ``tee`` and runner shell, the pypmml
+JVMs of the workers) also carry ``MODELSERVING_TASKMANAGER=<its resource id>`` (``initial``
+for those of ``start()``), set when the TaskManager is started: a TaskManager killed by
+SIGKILL (or the OOM killer) leaves them behind, reparented to init, ~200 MB each. The next
+``start_taskmanager()``, ``status`` (``reap_orphans()``) or ``stop()`` finds and ends them:
+a process with the mark whose ancestors hold no live JobManager or TaskManager JVM of the
+cluster is an orphan.
+
 Jobs are submitted with ``flink run -pym <module>``; everything else goes through the REST
 API (``flink_rest``).
 """
@@ -31,6 +39,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -56,6 +65,11 @@ __all__ = ["LocalFlinkCluster", "FlinkClusterError"]
 JM_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
 TM_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
 IDENT = "modelserving"  # FLINK_IDENT_STRING: names the pid and log files
+#: Set in a TaskManager's environment (its resource id), inherited by everything it starts.
+TM_MARK = "MODELSERVING_TASKMANAGER"
+#: The distribution's start scripts: what runs under them is a daemon being started (its
+#: BashJavaUtils JVM, say), never an orphan.
+START_SCRIPTS = ("start-cluster.sh", "jobmanager.sh", "taskmanager.sh", "flink-daemon.sh")
 JOB_ID = re.compile(r"JobID\s+([0-9a-f]{32})")
 #: Variables of another Flink installation that would redirect the distribution's scripts.
 FOREIGN_FLINK_VARIABLES = (
@@ -234,6 +248,62 @@ class LocalFlinkCluster:
         conf, me = str(self.conf_dir), os.getpid()
         return processes.find(lambda p: p.pid != me and processes.environ_has(p, "FLINK_CONF_DIR", conf))
 
+    def orphans(self) -> dict[int, str]:
+        """The processes left behind by TaskManagers that died without ending them (Python
+        workers, their runner shell and ``tee``, pypmml JVMs): pid -> the dead TaskManager's
+        resource id. A process of a TaskManager carries ``TM_MARK`` and ``FLINK_CONF_DIR`` =
+        this cluster's conf; it is orphaned when no live JobManager or TaskManager JVM of the
+        cluster is among its ancestors (its own TaskManager is gone, it was reparented to
+        init or a subreaper). Daemons being started (under a start script) never are."""
+        conf, me = str(self.conf_dir), os.getpid()
+        jvms = set(self.jobmanager_pids()) | set(self.taskmanager_pids())
+        found: dict[int, str] = {}
+
+        def orphaned(process) -> bool:
+            if process.pid in jvms or process.pid == me:
+                return False
+            mark = processes.environ_get(process, TM_MARK)
+            if not mark or processes.environ_get(process, "FLINK_CONF_DIR") != conf:
+                return False
+            if "org.apache.flink" in " ".join(processes.cmdline(process)):
+                return False  # a JVM of the distribution (BashJavaUtils, the CLI)
+            for ancestor in [process, *processes.ancestors(process)]:
+                if ancestor.pid in jvms or ancestor.pid == me:
+                    return False
+                if any(a.endswith(START_SCRIPTS) for a in processes.cmdline(ancestor)[:3]):
+                    return False
+            found[process.pid] = mark
+            return True
+
+        processes.find(orphaned)
+        return found
+
+    def reap_orphans(self, grace_s: float = 5.0) -> dict[int, str]:
+        """End the ``orphans()`` of dead TaskManagers (SIGTERM, SIGKILL after ``grace_s``)
+        and drop the dead TaskManagers from the pid file; returns what was ended."""
+        self._forget_dead_pids("taskexecutor")
+        found = self.orphans()
+        if found:
+            processes.terminate(found, grace_s=grace_s)
+        return found
+
+    def _forget_dead_pids(self, daemon: str) -> None:
+        """Drop dead daemons from flink-daemon.sh's pid file, so ``stop-cluster.sh`` stops
+        the live ones and ``taskmanager.sh start`` does not count the dead."""
+        pid_file = self.pid_file(daemon)
+        try:
+            lines = [line.strip() for line in pid_file.read_text().splitlines() if line.strip()]
+        except OSError:
+            return
+        live = set(self._jvms(TM_CLASS if daemon == "taskexecutor" else JM_CLASS))
+        kept = [line for line in lines if line.isdigit() and int(line) in live]
+        if kept == lines:
+            return
+        if kept:
+            pid_file.write_text("\n".join(kept) + "\n")
+        else:
+            pid_file.unlink(missing_ok=True)
+
     def is_running(self) -> bool:
         return bool(self.jobmanager_pids()) and flink_rest.answers(self.url)
 
@@ -262,7 +332,7 @@ class LocalFlinkCluster:
             "rest_port": self.rest_port, "rpc_port": self.rpc_port, "slots": self.slots,
             "taskmanagers": self.taskmanagers, "python": self.python,
             "flink_home": str(flink_home()), "started": time.time()}, indent=2) + "\n")
-        done = self.run_script("start-cluster.sh", timeout=timeout)
+        done = self.run_script("start-cluster.sh", timeout=timeout, env={TM_MARK: "initial"})
         if done.returncode != 0:
             self._end_processes()
             raise FlinkClusterError(f"start-cluster.sh failed ({done.returncode}):\n{done.stdout}"
@@ -291,9 +361,28 @@ class LocalFlinkCluster:
         return wait_until(registered, timeout, f"{what} registered at {self.url}",
                           interval_s=flink_rest.POLL_S, details=self.log_tail)
 
+    def start_taskmanager(self, timeout: float = 60) -> str:
+        """One more TaskManager (``bin/taskmanager.sh start``), ending what dead ones left
+        behind (``reap_orphans()``) while its JVM boots; returns its resource id once it has
+        registered with the JobManager."""
+        self._forget_dead_pids("taskexecutor")
+        resource_id = f"tm-{uuid.uuid4().hex[:8]}"
+        done = self.run_script("taskmanager.sh", "start", "-D",
+                               f"taskmanager.resource-id={resource_id}", timeout=timeout,
+                               env={TM_MARK: resource_id})
+        if done.returncode != 0:
+            raise FlinkClusterError(f"taskmanager.sh start failed ({done.returncode}):\n"
+                                    f"{done.stdout}")
+        # the new JVM is one of the cluster's, so its own processes are never orphans
+        self.reap_orphans(grace_s=2.0)
+        self.wait_taskmanagers(1, timeout, resource_id=resource_id)
+        return resource_id
+
     def stop(self, timeout: float = 60) -> None:
-        """stop-cluster.sh, then SIGTERM/SIGKILL whatever of this cluster is left."""
+        """stop-cluster.sh, then SIGTERM/SIGKILL whatever of this cluster is left (orphans
+        of dead TaskManagers included)."""
         if self.conf_dir.exists() and (self.jobmanager_pids() or self.taskmanager_pids()):
+            self._forget_dead_pids("taskexecutor")
             self.run_script("stop-cluster.sh", timeout=timeout)
         self._end_processes()
         for pid_file in self.pid_dir.glob("*.pid"):

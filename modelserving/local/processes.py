@@ -49,6 +49,22 @@ def environ_has(process: psutil.Process, name: str, value: str) -> bool:
         return False
 
 
+def environ_get(process: psutil.Process, name: str) -> str | None:
+    """The value of ``name`` in the process's environment (None when unset or unreadable)."""
+    try:
+        return process.environ().get(name)
+    except psutil.Error:
+        return None
+
+
+def ancestors(process: psutil.Process) -> list[psutil.Process]:
+    """The process's parent, grandparent ... up to init ([] when it is gone)."""
+    try:
+        return process.parents()
+    except psutil.Error:
+        return []
+
+
 def wait_gone(pids: Iterable[int], timeout_s: float) -> list[int]:
     """Wait until none of ``pids`` is alive; returns those still alive at the timeout."""
     processes = []

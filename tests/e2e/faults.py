@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import uuid
 
 from modelserving.errors import FlinkClusterError
 from modelserving.local import processes
@@ -42,12 +41,6 @@ def forget_pid(cluster: LocalFlinkCluster, daemon: str, pid: int) -> None:
 
 
 def start_taskmanager(cluster: LocalFlinkCluster, timeout: float = 60) -> str:
-    """``bin/taskmanager.sh start`` with the cluster's environment; returns the new
-    TaskManager's resource id once it has registered with the JobManager."""
-    resource_id = f"tm-{uuid.uuid4().hex[:8]}"
-    done = cluster.run_script("taskmanager.sh", "start", "-D",
-                              f"taskmanager.resource-id={resource_id}", timeout=timeout)
-    if done.returncode != 0:
-        raise FlinkClusterError(f"taskmanager.sh start failed ({done.returncode}):\n{done.stdout}")
-    cluster.wait_taskmanagers(1, timeout, resource_id=resource_id)
-    return resource_id
+    """A replacement TaskManager (``LocalFlinkCluster.start_taskmanager``, which first ends
+    what the killed one left behind); returns its resource id once registered."""
+    return cluster.start_taskmanager(timeout)

@@ -62,12 +62,39 @@ class ModelsHandled:
             time.sleep(0.02)
 
 
-def reporting_join(job: str, settings: Settings, gate: ModelsHandled):
-    """The job's own join function, marking ``gate`` after each model element."""
+def fail_scoring_on(server, marker: float) -> None:
+    """Make every model ``server`` builds raise RuntimeError for a batch holding a feature
+    equal to ``marker``: a failure injected into the scoring path."""
+    from udfs.serving import LoadedModel
+
+    build = server.build
+
+    def failing_build(raw):
+        model = build(raw)
+        if isinstance(model, LoadedModel):
+            score = model.runtime.score
+
+            def failing_score(batch):
+                if (batch.values == marker).any():
+                    raise RuntimeError("injected scoring failure")
+                return score(batch)
+            model.runtime.score = failing_score
+        return model
+    server.build = failing_build
+
+
+def reporting_join(job: str, settings: Settings, gate: ModelsHandled, fail_on: float | None = None):
+    """The job's own join function, marking ``gate`` after each model element (and, with
+    ``fail_on``, failing to score records holding that feature value)."""
     from udfs.flink.joins import BroadcastServing, KeyedServing
 
     if job == "keyed":
         class ReportingKeyed(KeyedServing):
+            def open(self, runtime_context):
+                super().open(runtime_context)
+                if fail_on is not None:
+                    fail_scoring_on(self.server, fail_on)
+
             def process_element2(self, raw, ctx):
                 yield from super().process_element2(raw, ctx)
                 gate.mark(self.subtask)
@@ -75,6 +102,11 @@ def reporting_join(job: str, settings: Settings, gate: ModelsHandled):
         return ReportingKeyed(settings, {})
 
     class ReportingBroadcast(BroadcastServing):
+        def open(self, runtime_context):
+            super().open(runtime_context)
+            if fail_on is not None:
+                fail_scoring_on(self.server, fail_on)
+
         def process_broadcast_element(self, raw, ctx):
             yield from super().process_broadcast_element(raw, ctx)
             gate.mark(self.subtask)
@@ -85,7 +117,8 @@ def reporting_join(job: str, settings: Settings, gate: ModelsHandled):
 JOBS = ["keyed", "broadcast"]
 
 
-def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings):
+def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings,
+            fail_on: float | None = None):
     """Run ``job`` on the local environment: every model reaches the join before any record."""
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
@@ -110,7 +143,7 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
         data = collection(records).map(DecodeMap(gate), output_type=BYTES)
         model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
         results, dead_letters = build_pipeline(data, model_stream, settings,
-                                               serving=reporting_join(job, settings, gate))
+                                               serving=reporting_join(job, settings, gate, fail_on))
         tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
         both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
             dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
@@ -169,6 +202,32 @@ def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models,
     assert any(f"feature '{rows[0].names[0]}' is nan" in r for r in reasons)
     [model_letter] = [d for d in dead if d.kind == DeadLetter.BAD_MODEL]
     assert model_letter.raw == bad_model and "model 'broken'" in model_letter.reason
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_failure_in_the_scoring_path_dead_letters_one_record_and_the_job_goes_on(
+        job, trained_models, settings):
+    """A runtime raising RuntimeError on one record (inside micro-batches of up to 16) makes
+    one INTERNAL_ERROR dead letter; the job keeps running and scores every other record."""
+    marker = -12345.0
+    rows = demo_rows()[:50]
+    bad = Row(DEMO_DATA_TYPE, rows[0].names, (marker,) + rows[0].values[1:], "injected")
+    records = [encode_record(r) for r in rows[:25]] + [encode_record(bad)] + \
+        [encode_record(r) for r in rows[25:]]
+    onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
+    batching = settings.replace(batch_max_size=16, batch_max_wait_ms=2000)
+    results, dead = run_job(job, records, [onnx], batching, fail_on=marker)
+
+    expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
+    scored = {r.recordId: r for r in results if r.status == ServingResult.SCORED}
+    assert set(scored) == set(expected) and len(results) == len(rows)
+    for record_id, prediction in expected.items():
+        assert scored[record_id].label == prediction.label
+    [letter] = dead
+    assert letter.kind == DeadLetter.INTERNAL_ERROR and letter.raw == records[25]
+    assert letter.exceptionType == "RuntimeError"
+    assert "RuntimeError: injected scoring failure" in letter.reason
+    assert letter.rawSize == len(records[25]) and not letter.rawTruncated
 
 
 @pytest.mark.parametrize("job", JOBS)

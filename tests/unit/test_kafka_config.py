@@ -267,3 +267,15 @@ def test_the_pipeline_names_the_login_module_the_connector_jar_has(tmp_path):
     assert module("/jars/flink-sql-connector-kafka-5.0.0-2.2.jar") == f"org.apache.flink.kafka.shaded.{SCRAM}"
     assert module("") == f"org.apache.flink.kafka.shaded.{SCRAM}"   # the cluster's lib/: the SQL jar
     assert module("/jars/flink-connector-kafka-5.0.0-2.2.jar") == SCRAM
+
+
+def test_the_sinks_take_messages_as_large_as_the_topics_do(tmp_path):
+    """A result or dead letter the topic accepts never fails a sink: the producer's
+    max.request.size (default 1 MiB) is the limit the topics are created with."""
+    pytest.importorskip("pyflink")
+    from jobs.kafka_config import MAX_MESSAGE_BYTES
+    from jobs.pipeline import sink_properties
+
+    props = sink_properties(scram_settings())
+    assert props["max.request.size"] == str(MAX_MESSAGE_BYTES)
+    assert props["sasl.jaas.config"]   # the connector's properties are kept

@@ -1,7 +1,10 @@
 """The shared scoring function: records and models in, results and dead letters out."""
 from __future__ import annotations
 
+import hashlib
 import math
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -185,7 +188,10 @@ def test_bad_models_are_refused_with_a_reason(server, raw, error, reason):
         server.build(raw)
     assert reason in str(caught.value)
     letter = DeadLetter.FromString(server.model_dead_letter(raw, caught.value))
-    assert letter.kind == DeadLetter.BAD_MODEL and letter.raw == raw
+    assert letter.kind == DeadLetter.BAD_MODEL and letter.raw == raw[:64 * 1024]
+    assert letter.rawSize == len(raw) and letter.rawTruncated == (len(raw) > 64 * 1024)
+    assert letter.rawSha256 == hashlib.sha256(raw).hexdigest()
+    assert letter.exceptionType == error.__name__
     assert reason in letter.reason and letter.sourceTopic == "models"
 
 
@@ -265,3 +271,89 @@ def test_inline_models_are_bounded_because_they_live_in_state(trained_models):
     by_location = descriptor_for(onnx)
     by_location.location = str(onnx.path)  # the same file, by location, is fine
     assert server.build(by_location.SerializeToString()).info.name == onnx.name
+
+
+# -- bounded outputs ------------------------------------------------------------------------
+
+def test_a_dead_letter_keeps_a_bounded_prefix_with_the_whole_inputs_size_and_digest():
+    server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models",
+                         dead_letter_max_raw_bytes=100)
+    for size, truncated in ((99, False), (100, False), (101, True), (5000, True)):
+        raw = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        raw = b"\xff" + raw[1:]   # never a parsable record
+        [letter] = letters_of(server.serve([raw], None))
+        assert letter.raw == raw[:100] and letter.rawTruncated == truncated, size
+        assert letter.rawSize == size
+        assert letter.rawSha256 == hashlib.sha256(raw).hexdigest()
+        assert letter.exceptionType == "RecordError"
+        assert letter.sourcePartition == -1 and letter.sourceOffset == -1
+        assert "not a WineRecord or DataRecord protobuf" in letter.reason
+
+
+def test_a_20_mb_inputs_dead_letter_is_small():
+    """The default bound (64 KiB) plus a few hundred bytes of fields, whatever came in."""
+    server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models")
+    raw = b"\xff" + random.Random(1).randbytes(20 * 1000 * 1000 - 1)
+    [outcome] = server.serve([raw], None)
+    assert outcome.kind == BAD_RECORD
+    assert len(outcome.payload) < 64 * 1024 + 1024
+    letter = DeadLetter.FromString(outcome.payload)
+    assert letter.rawSize == len(raw) and letter.rawTruncated and len(letter.raw) == 64 * 1024
+    assert letter.rawSha256 == hashlib.sha256(raw).hexdigest()
+    model_raw = ModelDescriptor(name="huge", dataType="t", modeltype=99,
+                                data=raw).SerializeToString()
+    with pytest.raises(ModelError) as caught:
+        server.build(model_raw)
+    model_letter = server.model_dead_letter(model_raw, caught.value)
+    assert len(model_letter) < 64 * 1024 + 1024
+    assert DeadLetter.FromString(model_letter).rawSize == len(model_raw)
+
+
+class HugeOutput:
+    """A runtime whose every prediction carries ``classes`` class probabilities."""
+
+    def __init__(self, names, classes):
+        self.input_names, self.classes = tuple(names), classes
+
+    def score(self, batch):
+        from udfs.runtimes.base import Prediction
+        labels = tuple(f"class-{i}" for i in range(self.classes))
+        return [Prediction(0.0, labels[0], (1.0 / self.classes,) * self.classes, labels)
+                for _ in range(len(batch))]
+
+    def close(self):
+        pass
+
+
+def fake_model(runtime, name="fake"):
+    from udfs.models import ModelInfo
+    from udfs.serving import LoadedModel
+    info = ModelInfo(data_type=DEMO_DATA_TYPE, name=name, version="1", description="",
+                     model_type=ModelType.ONNX, model_id=name)
+    return LoadedModel(info=info, raw=b"", runtime=runtime, since_ms=0)
+
+
+def test_a_result_over_max_result_bytes_becomes_a_dead_letter(demo_rows):
+    """Rule: a ServingResult whose serialized size exceeds max_result_bytes is not sent; the
+    record is dead-lettered with reason "result too large (N bytes > limit)"."""
+    server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models",
+                         max_result_bytes=10_000)
+    names = demo_rows[0].names
+    small = server.serve([encode_record(demo_rows[0])], fake_model(HugeOutput(names, 10)))
+    assert [o.kind for o in small] == [SCORED] and len(small[0].payload) <= 10_000
+    raws = [encode_record(r) for r in demo_rows[:3]]
+    outcomes = server.serve(raws, fake_model(HugeOutput(names, 5000)))
+    assert [o.kind for o in outcomes] == [BAD_RECORD] * 3
+    letters = letters_of(outcomes)
+    assert [letter.raw for letter in letters] == raws
+    for letter in letters:
+        assert re.fullmatch(r"result too large \(\d+ bytes > 10000\)", letter.reason)
+        assert letter.exceptionType == "ResultTooLarge" and letter.modelName == "fake"
+
+
+def test_the_default_result_bound_holds_thousands_of_classes_but_not_unbounded_ones(demo_rows):
+    server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models")
+    names = demo_rows[0].names
+    raw = encode_record(demo_rows[0])
+    assert server.serve([raw], fake_model(HugeOutput(names, 2000)))[0].kind == SCORED
+    assert server.serve([raw], fake_model(HugeOutput(names, 200_000)))[0].kind == BAD_RECORD

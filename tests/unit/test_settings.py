@@ -147,3 +147,16 @@ def test_environment_round_trip():
     settings = Settings.from_sources(["--model-dirs", "/m1,/m2", "--parallelism", "2"],
                                      environ={"MODELSERVING_SASL_PASSWORD": "pw"})
     assert Settings.from_sources([], environ=settings.to_environ()) == settings
+
+
+def test_output_bounds_have_defaults_and_must_be_sane():
+    from jobs.settings import Settings, SettingsError
+
+    settings = Settings()
+    assert settings.dead_letter_max_raw_bytes == 64 * 1024
+    assert settings.max_result_bytes == 1024 * 1024
+    assert Settings.from_sources(["--dead-letter-max-raw-bytes", "100"], environ={}
+                                 ).dead_letter_max_raw_bytes == 100
+    for bad in (0, -1, 11 * 1024 * 1024):
+        with pytest.raises(SettingsError, match="dead_letter_max_raw_bytes"):
+            Settings(dead_letter_max_raw_bytes=bad).validate()

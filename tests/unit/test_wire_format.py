@@ -91,3 +91,26 @@ def test_generic_record_shares_the_header_fields():
 def test_result_round_trip():
     result = ServingResult(dataType="wine", modelName="m", score=6.0, probabilities=[0.2, 0.8])
     assert ServingResult.FromString(result.SerializeToString()).probabilities == pytest.approx([0.2, 0.8])
+
+
+def test_dead_letter_numbers_old_and_new():
+    """The first nine fields keep their numbers; the bounding fields are new numbers, and a
+    reader of the old message reads a new dead letter's old fields unchanged."""
+    from protos import DeadLetter
+
+    numbers = {f.name: f.number for f in DeadLetter.DESCRIPTOR.fields}
+    assert numbers == {"kind": 1, "raw": 2, "sourceTopic": 3, "reason": 4, "dataType": 5,
+                       "modelName": 6, "modelVersion": 7, "atMs": 8, "subtask": 9,
+                       "rawSize": 10, "rawSha256": 11, "rawTruncated": 12, "exceptionType": 13,
+                       "sourcePartition": 14, "sourceOffset": 15}
+    assert (DeadLetter.BAD_RECORD, DeadLetter.BAD_MODEL, DeadLetter.INTERNAL_ERROR) == (0, 1, 2)
+    old = field_varint(1, 1) + field_bytes(2, b"abc") + field_bytes(3, b"models") \
+        + field_bytes(4, b"why") + field_varint(9, 3)
+    letter = DeadLetter.FromString(old)
+    assert (letter.kind, letter.raw, letter.sourceTopic, letter.reason, letter.subtask) == \
+        (DeadLetter.BAD_MODEL, b"abc", "models", "why", 3)
+    new = DeadLetter(kind=DeadLetter.INTERNAL_ERROR, raw=b"ab", rawSize=5_000_000,
+                     rawSha256="00" * 32, rawTruncated=True, exceptionType="RuntimeError",
+                     sourcePartition=-1, sourceOffset=-1).SerializeToString()
+    assert new.startswith(field_varint(1, 2) + field_bytes(2, b"ab"))
+    assert field_varint(10, 5_000_000) in new and field_bytes(13, b"RuntimeError") in new

@@ -11,6 +11,12 @@ statistics producer have modules of their own next to this one.
 
 State names and the output tag are part of savepoints and of the jobs' wiring: renaming
 one makes a savepoint unreadable.
+
+No record and no model can restart the job: whatever the project's own code raises while
+serving a batch or handling a model (anything but the RecordError/ModelError that bad input
+raises) becomes an INTERNAL_ERROR dead letter, is counted in ``internal_errors`` and logged
+with its stack trace (at most once a minute per kind of failure). Statistics and metrics
+never raise into the join.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, Va
 from protos import ModelStats
 from udfs import statistics
 from udfs.errors import ModelError
+from udfs.failures import FailureLog
 from udfs.flink.batching import MicroBatcher
 from udfs.flink.keys import subtask_index
 from udfs.flink.metrics import ServingMetrics
@@ -73,11 +80,15 @@ class ServingJoin:
         self.publisher = StatsPublisher(self.settings.state_topic, self.stats_producer)
         self.stats = runtime_context.get_map_state(MapStateDescriptor(MODEL_STATS, Types.STRING(), BYTES))
         self.stats_timer = runtime_context.get_state(ValueStateDescriptor(STATS_TIMER, Types.LONG()))
+        self.failures = FailureLog(log)
         self.server = ModelServer(model_dirs=self.settings.model_dirs,
                                   max_model_bytes=self.settings.max_model_bytes,
                                   max_inline_model_bytes=self.settings.max_inline_model_bytes,
                                   data_topic=self.settings.data_topic,
-                                  models_topic=self.settings.models_topic, subtask=self.subtask)
+                                  models_topic=self.settings.models_topic, subtask=self.subtask,
+                                  dead_letter_max_raw_bytes=self.settings.dead_letter_max_raw_bytes,
+                                  max_result_bytes=self.settings.max_result_bytes,
+                                  failures=self.failures)
         self.metrics = ServingMetrics(runtime_context)
         self.batcher: MicroBatcher | None = None
         if self.settings.batch_max_size > 1:
@@ -124,15 +135,20 @@ class ServingJoin:
             yield from self.serve_batch(ctx, data_type, part, batch)
 
     def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]):
-        """Yield the records' results, and dead letters on the side output; keep statistics."""
+        """Yield the records' results, and dead letters on the side output; keep statistics.
+        Never raises: records the job's own code fails on become INTERNAL_ERROR dead letters."""
         model, error = None, None
-        if data_type:
-            model_id, stored_descriptor = self.model_lookup(ctx, data_type)
-            try:
-                model = self.server.current(data_type, model_id, stored_descriptor)
-            except ModelError as exc:
-                error = exc
-        outcomes = self.server.serve(raws, model, error)
+        try:
+            if data_type:
+                model_id, stored_descriptor = self.model_lookup(ctx, data_type)
+                try:
+                    model = self.server.current(data_type, model_id, stored_descriptor)
+                except ModelError as exc:
+                    error = exc
+            outcomes = self.server.serve(raws, model, error)
+        except Exception as exc:   # ModelServer.serve never raises; the lookup might
+            outcomes = [self.server.internal_error(raw, exc, "serving a batch", data_type, model)
+                        for raw in raws]
         self.metrics.count(outcomes)
         for outcome in outcomes:
             if outcome.is_dead_letter:
@@ -140,14 +156,23 @@ class ServingJoin:
             else:
                 yield outcome.payload
         if data_type:
-            self.metrics.for_type(data_type).model = model
+            try:
+                self.metrics.for_type(data_type).model = model
+            except Exception as exc:
+                self.failures.failed("updating the metrics", exc)
             self.track(ctx, data_type, part, model, outcomes)
 
     # -- statistics ---------------------------------------------------------------------
 
     def track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes=()) -> None:
         """Update this key's statistics of ``data_type``; publish at once on a model change,
-        else when the periodic timer fires."""
+        else when the periodic timer fires. Never raises: statistics must not stop serving."""
+        try:
+            self._track(ctx, data_type, part, model, outcomes)
+        except Exception as exc:
+            self.failures.failed("keeping statistics", exc)
+
+    def _track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes) -> None:
         raw = self.stats.get(data_type)
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
         changed = statistics.is_change(stats, model)
@@ -166,8 +191,11 @@ class ServingJoin:
             self.stats_timer.update(due)
 
     def publish(self, stats: ModelStats) -> None:
-        self.publisher.publish(statistics.stats_key(stats.job, stats.dataType, stats.part),
-                               statistics.stamped(stats, self.subtask))
+        try:
+            self.publisher.publish(statistics.stats_key(stats.job, stats.dataType, stats.part),
+                                   statistics.stamped(stats, self.subtask))
+        except Exception as exc:   # the publisher catches Kafka's failures; this is for ours
+            self.failures.failed("publishing statistics", exc)
 
     def on_timer(self, timestamp, ctx):
         key = ctx.get_current_key()
@@ -177,11 +205,14 @@ class ServingJoin:
             return
         if self.batcher is not None:
             yield from self.serve_pending(ctx, key, self.batcher.on_processing_timer(key, timestamp))
-        stats_due = self.stats_timer.value()
-        if stats_due is not None and stats_due <= timestamp:
-            self.stats_timer.clear()
-            for _, raw in self.stats.items():
-                self.publish(ModelStats.FromString(raw))
+        try:
+            stats_due = self.stats_timer.value()
+            if stats_due is not None and stats_due <= timestamp:
+                self.stats_timer.clear()
+                for _, raw in self.stats.items():
+                    self.publish(ModelStats.FromString(raw))
+        except Exception as exc:
+            self.failures.failed("publishing statistics", exc)
 
     def accept_model(self, raw: bytes, report: bool = True):
         """Build a model from a descriptor; a bad one is dead-lettered (when ``report``) and
@@ -194,6 +225,17 @@ class ServingJoin:
                 self.metrics.bad_models.inc()
                 return None, self.server.model_dead_letter(raw, exc)
             return None, None
+        except Exception as exc:   # a bug of ours on this descriptor must not stop the job
+            return None, self.model_failed(raw, exc, "building a model", report)
+
+    def model_failed(self, raw: bytes, exc: Exception, where: str, report: bool = True):
+        """An internal error while handling a model: counted, and its dead letter (when
+        ``report``: one instance of the broadcast join reports for all), else None."""
+        if report:
+            self.metrics.internal_error()
+            return self.server.internal_model_dead_letter(raw, exc, where)
+        self.failures.failed(where, exc)
+        return None
 
     def installed(self, data_type: str, model: LoadedModel | Withdrawal) -> None:
         """Swap the cache after the state was updated, and say so."""
@@ -239,6 +281,12 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         if model is None:
             yield DEAD_LETTERS, dead_letter
             return
+        try:
+            self.install_keyed(ctx, data_type, model)
+        except Exception as exc:
+            yield DEAD_LETTERS, self.model_failed(raw, exc, "installing a model")
+
+    def install_keyed(self, ctx, data_type: str, model):
         if isinstance(model, Withdrawal):
             self.model_id.clear()
             self.descriptor.clear()
@@ -281,6 +329,14 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
             if dead_letter is not None:
                 yield DEAD_LETTERS, dead_letter
             return
+        try:
+            self.install_broadcast(ctx, model)
+        except Exception as exc:
+            dead_letter = self.model_failed(raw, exc, "installing a model", self.subtask == 0)
+            if dead_letter is not None:
+                yield DEAD_LETTERS, dead_letter
+
+    def install_broadcast(self, ctx, model):
         data_type = model.info.data_type
         ids, descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
         if isinstance(model, Withdrawal):

@@ -1,13 +1,18 @@
 """The serving metrics in Flink's metric system, as the web UI and the tests read them.
 
 Names are part of the interface: ``modelserving.records_scored``, ``records_no_model``,
-``dead_letters_records``, ``dead_letters_models``, ``models_loaded``, ``scoring_micros``,
+``dead_letters_records``, ``dead_letters_models``, ``internal_errors`` (records and models the
+job's own code failed on, dead-lettered as INTERNAL_ERROR), ``models_loaded``, ``scoring_micros``,
 and per data type ``modelserving.datatype.<type>.*`` plus ``model_version`` and
 ``model_age_seconds``.
 """
 from __future__ import annotations
 
-from udfs.serving import BAD_RECORD, NO_MODEL, SCORED, LoadedModel, now_ms
+import logging
+
+from udfs.serving import BAD_RECORD, INTERNAL_ERROR, NO_MODEL, SCORED, LoadedModel, now_ms
+
+log = logging.getLogger("modelserving")
 
 
 class ServingMetrics:
@@ -33,7 +38,19 @@ class ServingMetrics:
         return counters
 
     def count(self, outcomes) -> None:
-        """Count a batch's outcomes."""
+        """Count a batch's outcomes; never raises (metrics must not stop serving)."""
+        try:
+            self._count(outcomes)
+        except Exception as exc:
+            log.warning("counting outcomes failed: %s: %s", type(exc).__name__, exc)
+
+    def internal_error(self, data_type: str = "") -> None:
+        """Count an internal error outside a record's outcome (a model's)."""
+        self.total.internal.inc()
+        if data_type:
+            self.for_type(data_type).internal.inc()
+
+    def _count(self, outcomes) -> None:
         kinds: dict[tuple[str, str], list] = {}
         for outcome in outcomes:
             kinds.setdefault((outcome.data_type, outcome.kind), []).append(outcome)
@@ -58,7 +75,9 @@ class _Counters:
         self.scored = _Count(group, "records_scored")
         self.no_model = _Count(group, "records_no_model")
         self.bad_records = _Count(group, "dead_letters_records")
-        self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records}
+        self.internal = _Count(group, "internal_errors")
+        self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records,
+                         INTERNAL_ERROR: self.internal}
         self._micros_total = 0.0
         group.gauge("scoring_micros", lambda: int(self._micros_total / self.scored.value)
                     if self.scored.value else 0)   # mean model time per scored record
