@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jobrunner import MAX_MODEL_BYTES, Collector, JobProcess, Scenario  # noqa: E402
+from jobrunner import (MAX_MODEL_BYTES, Collector, JobProcess, Scenario,  # noqa: E402
+                       settings_with_own_topics)
 
 import jobs  # noqa: E402
-from jobs.settings import Settings  # noqa: E402
 from modelserving.kafka import clients as client  # noqa: E402
-from modelserving.kafka.admin import ensure_topics  # noqa: E402
 from modelserving.local.processes import free_port, free_port_range, free_ports  # noqa: E402
 
 JOB_MODULES = list(jobs.JOB_MODULES.values())
@@ -53,15 +52,10 @@ def serving(request, kafka_broker, trained_models, tmp_path_factory):
     job = request.param.rsplit(".", 1)[-1]
     suffix = f"{job}-{uuid.uuid4().hex[:6]}"
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
-    settings = Settings.from_sources(
-        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
-        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
-        stats_interval_ms=1000, parallelism=2, checkpoint_interval_ms=2000, rest_port=0,
-        model_dirs=(str(model_dir),), max_model_bytes=MAX_MODEL_BYTES).for_job(suffix)
-    ensure_topics(settings,
-                  [settings.data_topic, settings.models_topic, settings.results_topic,
-                   settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
+    settings = settings_with_own_topics(
+        kafka_broker.bootstrap, suffix, stats_interval_ms=1000, parallelism=2,
+        checkpoint_interval_ms=2000, rest_port=0, model_dirs=(str(model_dir),),
+        max_model_bytes=MAX_MODEL_BYTES)
     process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
     producer = client.producer(settings)
     collector = Collector(settings)

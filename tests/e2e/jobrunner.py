@@ -10,6 +10,7 @@ import pytest
 
 from jobs.settings import Settings
 from modelserving.errors import ToolError
+from modelserving.kafka.admin import create_topics
 from modelserving.kafka import clients as client
 from modelserving.kafka.clients import Row, encode_record
 from modelserving.local.job_process import JobProcess  # noqa: F401  (the tests' name for it)
@@ -18,6 +19,19 @@ from modelserving.demo.training import DEMO_DATA_TYPE, demo_rows, descriptor_for
 from protos import DeadLetter, ModelDescriptor, ServingResult
 
 MAX_MODEL_BYTES = 1_000_000
+
+
+def settings_with_own_topics(bootstrap: str, suffix: str, compact_models: bool = False,
+                             **overrides) -> Settings:
+    """Settings of a job whose topics are its own (their names end in ``suffix``), with the
+    topics created; ``overrides`` are further settings."""
+    settings = Settings.from_sources(
+        [], environ={}, bootstrap_servers=bootstrap, data_topic=f"mdata-{suffix}",
+        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
+        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
+        **overrides).for_job(suffix)
+    create_topics(settings, partitions=2, compact_models=compact_models)
+    return settings
 
 
 class Collector(client.OutputFollower):

@@ -14,14 +14,12 @@ from collections import Counter
 import pytest
 
 from jobs import JOB_MODULES
-from jobs.settings import Settings
 from modelserving.kafka import clients as client
-from modelserving.kafka.admin import ensure_topics
 from modelserving.demo.training import descriptor_for
 from protos import DeadLetter, ModelType, ServingResult
 
 import faults
-from jobrunner import Deployment
+from jobrunner import Deployment, settings_with_own_topics
 
 pytestmark = pytest.mark.e2e
 
@@ -35,14 +33,8 @@ def test_every_record_exactly_once_through_two_taskmanager_kills(module, flink, 
                                                                   trained_models):
     suffix = f"eo-{module.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.ONNX]
-    settings = Settings.from_sources(
-        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
-        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
-        delivery_guarantee="exactly-once").for_job(suffix)
-    ensure_topics(settings,
-                  [settings.data_topic, settings.models_topic, settings.results_topic,
-                   settings.dead_letter_topic], compacted=[settings.state_topic], partitions=2)
+    settings = settings_with_own_topics(
+        kafka_broker.bootstrap, suffix, delivery_guarantee="exactly-once")
     deployment = Deployment(flink, settings, model, module)
     try:
         deployment.submit()

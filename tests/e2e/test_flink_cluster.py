@@ -17,10 +17,8 @@ import uuid
 import pytest
 
 import faults
-from jobrunner import Collector, Deployment, assert_scored_by
+from jobrunner import Collector, Deployment, assert_scored_by, settings_with_own_topics
 import jobs
-from jobs.settings import Settings
-from modelserving.kafka.admin import ensure_topics
 from modelserving.local import http
 from protos import ModelType
 
@@ -35,14 +33,8 @@ def deployment(request, flink, kafka_broker, trained_models):
     suffix = f"cluster-{request.param.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.ONNX]
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
-    settings = Settings.from_sources(
-        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
-        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
-        model_dirs=(str(model_dir),)).for_job(suffix)
-    ensure_topics(settings,
-                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
-                  compacted=[settings.models_topic, settings.state_topic], partitions=2)
+    settings = settings_with_own_topics(
+        kafka_broker.bootstrap, suffix, compact_models=True, model_dirs=(str(model_dir),))
     deployment = Deployment(flink, settings, model, request.param)
     try:
         yield deployment

@@ -18,9 +18,7 @@ import psutil
 import pytest
 
 import faults
-from jobrunner import Deployment
-from jobs.settings import Settings
-from modelserving.kafka.admin import ensure_topics
+from jobrunner import Deployment, settings_with_own_topics
 from modelserving.local import processes
 from modelserving.local.flink_cluster import TM_MARK
 from modelserving.paths import PROJECT_ROOT
@@ -50,14 +48,8 @@ def test_five_taskmanager_kills_in_a_row_recover_each_time_and_leave_no_orphans(
     suffix = f"recovery-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.PMML]  # scored in a pypmml JVM beside the Python worker
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
-    settings = Settings.from_sources(
-        [], environ={}, bootstrap_servers=kafka_broker.bootstrap, data_topic=f"mdata-{suffix}",
-        models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
-        dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
-        model_dirs=(str(model_dir),)).for_job(suffix)
-    ensure_topics(settings,
-                  [settings.data_topic, settings.results_topic, settings.dead_letter_topic],
-                  compacted=[settings.models_topic, settings.state_topic], partitions=2)
+    settings = settings_with_own_topics(
+        kafka_broker.bootstrap, suffix, compact_models=True, model_dirs=(str(model_dir),))
     deployment = Deployment(flink, settings, model, "jobs.keyed_job")
     kills: list[dict] = []
     orphaned: dict[int, str] = {}
