@@ -22,6 +22,8 @@ from jobs.settings import SettingsError
 
 #: Largest message any project client sends or fetches; topics are created with the same.
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+#: Longest wait between reconnect attempts of the project's kafka-python clients.
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 #: ``name="value"`` (quotes escaped with backslashes) or ``name=value`` in a JAAS line.
 _JAAS_OPTION = re.compile(r'([\w.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s";]+))')
@@ -190,7 +192,10 @@ def java_properties(settings, class_prefix: str = "") -> dict[str, str]:
 def kafka_python(settings, **overrides) -> dict:
     """Keyword arguments for kafka-python's ``KafkaProducer``/``KafkaConsumer``/``KafkaAdminClient``."""
     a = access(settings)
-    config: dict = {"bootstrap_servers": a.bootstrap_servers, "security_protocol": a.security_protocol}
+    # reconnect within a second of a broker's return, as Kafka's Java clients do (kafka-python
+    # backs off up to 30 s by default, which kept a recovered broker unused that long)
+    config: dict = {"bootstrap_servers": a.bootstrap_servers, "security_protocol": a.security_protocol,
+                    "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS}
     if a.uses_sasl:
         config.update(sasl_mechanism=a.sasl_mechanism, sasl_plain_username=a.sasl_username,
                       sasl_plain_password=a.sasl_password)
@@ -206,7 +211,8 @@ def confluent(settings, **overrides) -> dict:
     """Configuration dict for confluent-kafka (librdkafka) ``Producer``/``Consumer``."""
     a = access(settings)
     config: dict = {"bootstrap.servers": a.bootstrap_servers,
-                    "security.protocol": a.security_protocol.lower()}
+                    "security.protocol": a.security_protocol.lower(),
+                    "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS}
     if a.uses_sasl:
         config.update({"sasl.mechanism": a.sasl_mechanism, "sasl.username": a.sasl_username,
                        "sasl.password": a.sasl_password})

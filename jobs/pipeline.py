@@ -51,6 +51,8 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
     conf.set_string("python.client.executable", settings.python_executable)
     if settings.rest_port:
         conf.set_string("rest.port", str(settings.rest_port))
+    if settings.checkpoint_dir:
+        conf.set_string("execution.checkpointing.dir", checkpoint_uri(settings.checkpoint_dir))
     for key, value in python_tuning(settings).items():
         conf.set_string(key, value)
     for key, value in (extra or {}).items():
@@ -69,6 +71,11 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
     if jar is not None:
         env.add_jars(jar.as_uri())
     return env
+
+
+def checkpoint_uri(location: str) -> str:
+    """A URI as Flink wants it: a plain path becomes file://, a URI stays as it is."""
+    return location if "://" in location else Path(location).expanduser().resolve().as_uri()
 
 
 def python_tuning(settings: Settings) -> dict[str, str]:
@@ -101,8 +108,10 @@ def connector_properties(settings: Settings) -> dict[str, str]:
 
 def stats_producer_config(settings: Settings) -> dict:
     """The statistics producer inside the serving function: computed here, on the client,
-    so the function needs no settings translation of its own. Snapshots, so acks=1."""
-    return kafka_python(settings, acks=1, linger_ms=100)
+    so the function needs no settings translation of its own. Snapshots, so acks=1; and a
+    send never waits more than a second for a broker that is down (the default is a minute of
+    serving stalled), the snapshot is dropped and the next one goes when it is back."""
+    return kafka_python(settings, acks=1, linger_ms=100, max_block_ms=1000)
 
 
 def kafka_source(settings: Settings, topic: str, group_id: str,

@@ -61,6 +61,10 @@ class Settings:
         "(the group's offsets, else earliest)", choices=STARTING_OFFSETS)
     parallelism: int = _setting(0, "job parallelism; 0 keeps Flink's default")
     checkpoint_interval_ms: int = _setting(10_000, "checkpoint interval; 0 disables checkpointing")
+    checkpoint_dir: str = _setting(
+        "", "where checkpoints are written (a path or URI); empty: the cluster's "
+        "execution.checkpointing.dir, and on a local Flink without one the JobManager's memory, "
+        "which refuses state over 5 MB (the tooling's local runs give a directory)")
     delivery_guarantee: str = _setting(
         "at-least-once", "Kafka sink guarantee: at-least-once, exactly-once (transactional, results "
         "visible at checkpoint completion) or none", choices=DELIVERY_GUARANTEES)
@@ -76,6 +80,9 @@ class Settings:
     dead_letter_max_raw_bytes: int = _setting(
         64 * 1024, "a dead letter keeps at most this many bytes of its raw input (with the "
         "input's whole size and SHA-256), so any input's dead letter fits the topic")
+    max_record_bytes: int = _setting(
+        1024 * 1024, "largest record accepted; a bigger one is dead-lettered on arrival, before "
+        "it waits for its micro-batch in Flink state (where a checkpoint would carry it)")
     max_result_bytes: int = _setting(
         1024 * 1024, "largest serialized ServingResult; a bigger one (a model with a huge "
         "output) becomes a dead letter \"result too large (N bytes > limit)\" instead")
@@ -214,6 +221,8 @@ class Settings:
             raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
+        if self.max_record_bytes <= 0:
+            raise SettingsError(f"max_record_bytes must be positive, not {self.max_record_bytes}")
         for name in ("dead_letter_max_raw_bytes", "max_result_bytes"):
             # the topics' limit (jobs.kafka_config.MAX_MESSAGE_BYTES) is 20 MiB
             if not 0 < getattr(self, name) <= 10 * 1024 * 1024:

@@ -52,3 +52,8 @@ class OutputError(ValueError):
 
 class ResultTooLarge(RecordError):
     """A result bigger than ``max_result_bytes`` (a model with a huge output)."""
+
+
+class RecordTooLarge(RecordError):
+    """A record bigger than ``max_record_bytes``: refused on arrival, before it waits for its
+    batch in Flink state (a checkpoint would carry it)."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 from jobs import JOB_MODULES
+from modelserving.paths import var_dir
 
 
 def cmd_run(args) -> int:
@@ -16,6 +18,10 @@ def cmd_run(args) -> int:
     if not any(a.startswith("--connector-jar") for a in job_args) and "-h" not in job_args \
             and "--help" not in job_args:
         job_args = ["--connector-jar", str(connector_jar())] + job_args
+    if not any(a.startswith("--checkpoint-dir") for a in job_args) \
+            and not os.environ.get("MODELSERVING_CHECKPOINT_DIR"):
+        # state (inline models, waiting records) over the 5 MB the JobManager's memory takes
+        job_args = ["--checkpoint-dir", str(var_dir() / "checkpoints" / args.job)] + job_args
     importlib.import_module(JOB_MODULES[args.job]).main(job_args)
     return 0
 

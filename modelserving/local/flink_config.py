@@ -20,7 +20,8 @@ from modelserving.paths import FLINK_CONF_DIR
 
 HOST = "127.0.0.1"
 PROJECT_CONF = FLINK_CONF_DIR / "config.yaml"
-#: The distribution's logging files, copied so its scripts find them in our conf dir.
+#: The logging files the distribution's scripts look for in the conf dir: the project's
+#: (``flink-conf/``) where it has one, else the distribution's.
 LOG_FILES = ("log4j.properties", "log4j-console.properties", "log4j-cli.properties",
              "log4j-session.properties", "logback.xml", "logback-console.xml",
              "logback-session.xml")
@@ -107,9 +108,11 @@ def write_conf_dir(conf_dir: Path, conf: dict, *, rest_port: int, taskmanagers: 
     """``config.yaml``, ``masters``, ``workers`` and the logging files into ``conf_dir``."""
     conf_dir.mkdir(parents=True, exist_ok=True)
     dist_conf = flink_home() / "conf"
-    for name in LOG_FILES:
-        if (dist_conf / name).exists():
-            shutil.copyfile(dist_conf / name, conf_dir / name)
+    for name in LOG_FILES:   # the project's own logging file where it has one
+        for directory in (source.parent, dist_conf):
+            if (directory / name).exists():
+                shutil.copyfile(directory / name, conf_dir / name)
+                break
     header = (f"# Written by modelserving.local.flink_config on every start from {source}\n"
               "# plus this instance's ports and directories; edits here are overwritten.\n")
     body = yaml.safe_dump(conf, sort_keys=False, default_flow_style=False, width=1 << 16)

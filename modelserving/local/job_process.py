@@ -26,10 +26,11 @@ class JobProcess:
 
     def __init__(self, module: str, settings: Settings, log_path: Path):
         self.module = module
+        self.log_path = Path(log_path)
         self.settings = settings.replace(
             rest_port=settings.rest_port or processes.free_port(),
-            connector_jar=settings.connector_jar or self._fetched_connector_jar())
-        self.log_path = Path(log_path)
+            connector_jar=settings.connector_jar or self._fetched_connector_jar(),
+            checkpoint_dir=settings.checkpoint_dir or str(self.log_path.parent / "checkpoints"))
         self.flink_log_dir = self.log_path.parent / "flink-log"
         self.process: subprocess.Popen | None = None
         self.job_id: str | None = None

@@ -37,8 +37,10 @@ def write(tmp_path, text: str):
 
 def test_plaintext_for_each_library():
     s = settings()
-    assert kafka_python(s) == {"bootstrap_servers": "broker:9093", "security_protocol": "PLAINTEXT"}
-    assert confluent(s) == {"bootstrap.servers": "broker:9093", "security.protocol": "plaintext"}
+    assert kafka_python(s) == {"bootstrap_servers": "broker:9093", "security_protocol": "PLAINTEXT",
+                               "reconnect_backoff_max_ms": 1000}
+    assert confluent(s) == {"bootstrap.servers": "broker:9093", "security.protocol": "plaintext",
+                            "reconnect.backoff.max.ms": 1000}
     assert java_properties(s) == {"security.protocol": "PLAINTEXT"}
 
 
@@ -54,11 +56,11 @@ def test_scram_for_each_library():
     s = scram_settings()
     assert kafka_python(s) == {
         "bootstrap_servers": "broker:9093", "security_protocol": "SASL_PLAINTEXT",
-        "sasl_mechanism": "SCRAM-SHA-256", "sasl_plain_username": "alice",
+        "reconnect_backoff_max_ms": 1000, "sasl_mechanism": "SCRAM-SHA-256", "sasl_plain_username": "alice",
         "sasl_plain_password": "alice-secret"}
     assert confluent(s) == {
         "bootstrap.servers": "broker:9093", "security.protocol": "sasl_plaintext",
-        "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "alice", "sasl.password": "alice-secret"}
+        "reconnect.backoff.max.ms": 1000, "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "alice", "sasl.password": "alice-secret"}
     assert java_properties(s) == {
         "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256",
         "sasl.jaas.config": f'{SCRAM} required username="alice" password="alice-secret";'}
@@ -279,3 +281,11 @@ def test_the_sinks_take_messages_as_large_as_the_topics_do(tmp_path):
     props = sink_properties(scram_settings())
     assert props["max.request.size"] == str(MAX_MESSAGE_BYTES)
     assert props["sasl.jaas.config"]   # the connector's properties are kept
+
+
+def test_a_checkpoint_dir_is_given_to_flink_as_a_uri(tmp_path):
+    from jobs.pipeline import checkpoint_uri
+
+    assert checkpoint_uri(str(tmp_path / "cp")) == f"file://{tmp_path}/cp"
+    assert checkpoint_uri("s3://bucket/checkpoints") == "s3://bucket/checkpoints"
+    assert checkpoint_uri("file:///var/cp") == "file:///var/cp"

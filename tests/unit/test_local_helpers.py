@@ -199,3 +199,17 @@ def test_a_job_process_that_exits_is_reported_with_its_log_and_leaves_nothing(tm
         job.start(timeout_s=60)
     assert "No module named jobs.no_such_job" in str(raised.value)  # the log tail
     assert not processes.is_alive(job.process.pid)
+
+
+def test_the_cluster_logs_with_the_projects_log4j_file_and_the_distributions_others(tmp_path):
+    """flink-conf/log4j.properties (rate-limited Kafka reconnect warnings) replaces the
+    distribution's; the files the project has no version of come from the distribution."""
+    from modelserving.local.flink_config import LOG_FILES, write_conf_dir
+    from modelserving.paths import FLINK_CONF_DIR
+
+    write_conf_dir(tmp_path, {"parallelism.default": 2}, rest_port=8081, taskmanagers=2)
+    ours = (FLINK_CONF_DIR / "log4j.properties").read_text()
+    assert (tmp_path / "log4j.properties").read_text() == ours
+    assert "BurstFilter" in ours and "kafka.shaded.org.apache.kafka.clients.NetworkClient" in ours
+    assert (tmp_path / "log4j-cli.properties").exists() and "log4j-cli.properties" in LOG_FILES
+    assert (tmp_path / "workers").read_text() == "127.0.0.1\n127.0.0.1\n"

@@ -155,6 +155,9 @@ def test_output_bounds_have_defaults_and_must_be_sane():
     settings = Settings()
     assert settings.dead_letter_max_raw_bytes == 64 * 1024
     assert settings.max_result_bytes == 1024 * 1024
+    assert settings.max_record_bytes == 1024 * 1024
+    with pytest.raises(SettingsError, match="max_record_bytes must be positive"):
+        Settings.from_sources(["--max-record-bytes", "0"], environ={})
     assert Settings.from_sources(["--dead-letter-max-raw-bytes", "100"], environ={}
                                  ).dead_letter_max_raw_bytes == 100
     for bad in (0, -1, 11 * 1024 * 1024):

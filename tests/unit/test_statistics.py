@@ -1,6 +1,7 @@
 """Serving statistics as kept in state and published (no Flink)."""
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from protos import ModelStats, ModelType
@@ -47,6 +48,39 @@ def test_keys_and_stamps():
     assert decoded.subtask == 1 and decoded.publishedMs > 0 and decoded.part == 7
 
 
+class Future:
+    """kafka-python's send() result, enough to chain callbacks on."""
+    def add_callback(self, fn):
+        return self
+
+    def add_errback(self, fn):
+        return self
+
+
+def test_undelivered_statistics_are_said_once_a_minute_and_their_return_once(caplog):
+    """A broker down for minutes makes every snapshot fail in the producer's thread: one
+    warning per minute with the count, and one when snapshots arrive again."""
+    from udfs.flink import publishing
+
+    clock = [1_000_000]
+    publisher = publishing.StatsPublisher("model-state", {})
+    with caplog.at_level(logging.WARNING, logger="modelserving"):
+        original = publishing.now_ms
+        publishing.now_ms = lambda: clock[0]
+        try:
+            for _ in range(30):          # one snapshot a second for 30 s
+                publisher._lost(TimeoutError("expired after 120000 ms"))
+                clock[0] += 1000
+            publisher._delivered(None)
+            publisher._delivered(None)
+        finally:
+            publishing.now_ms = original
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "not delivered to model-state: expired after 120000 ms (1 snapshot(s) so far" in lines[0]
+    assert "reach model-state again (30 snapshot(s) were lost before)" in lines[1]
+
+
 def test_the_statistics_producer_gets_every_kafka_setting_the_job_computed(monkeypatch):
     """The job computes the producer's arguments on the client; the worker uses them as is."""
     import kafka
@@ -64,6 +98,7 @@ def test_the_statistics_producer_gets_every_kafka_setting_the_job_computed(monke
 
         def send(self, topic, key, value):
             self.sent.append((topic, key, value))
+            return Future()
 
     monkeypatch.setattr(kafka, "KafkaProducer", Producer)
     settings = Settings.from_sources([], environ={}, bootstrap_servers="broker:9093",
@@ -72,7 +107,7 @@ def test_the_statistics_producer_gets_every_kafka_setting_the_job_computed(monke
     publisher = StatsPublisher("model-state", kafka_python(settings, acks=1, linger_ms=100))
     publisher.publish("keyed/wine", b"stats")
     assert made == [{"bootstrap_servers": "broker:9093", "security_protocol": "SASL_PLAINTEXT",
-                     "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "serving",
+                     "reconnect_backoff_max_ms": 1000, "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "serving",
                      "sasl_plain_password": "s3cret", "acks": 1, "linger_ms": 100}]
     assert publisher._producer.sent == [("model-state", b"keyed/wine", b"stats")]
     StatsPublisher("", {"bootstrap_servers": "nowhere:1"}).publish("k", b"v")   # no topic: no producer

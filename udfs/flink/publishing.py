@@ -22,6 +22,8 @@ class StatsPublisher:
     logged and never fails serving."""
 
     RETRY_AFTER_MS = 30_000
+    #: While the broker stays unreachable, one warning per this many ms, not one per snapshot.
+    WARN_EVERY_MS = 60_000
 
     def __init__(self, topic: str, producer_config: dict):
         """``topic``: where to publish, "" for nowhere; ``producer_config``: keyword
@@ -30,6 +32,8 @@ class StatsPublisher:
         self.producer_config = dict(producer_config)
         self._producer = None
         self._failed_at = 0
+        self._undelivered = 0          # snapshots lost since the last one delivered
+        self._warned_at = -self.WARN_EVERY_MS
 
     def publish(self, key: str, value: bytes) -> None:
         if not self.topic:
@@ -39,14 +43,35 @@ class StatsPublisher:
                 if now_ms() - self._failed_at < self.RETRY_AFTER_MS:
                     return
                 self._producer = self._connect()
-            self._producer.send(self.topic, key=key.encode(), value=value)
+            future = self._producer.send(self.topic, key=key.encode(), value=value)
+            future.add_callback(self._delivered).add_errback(self._lost)
         except Exception as exc:  # statistics must never stop serving
             log.warning("publishing statistics to %s failed: %s", self.topic, exc)
             self._failed_at, self._producer = now_ms(), None
 
+    def _delivered(self, _metadata) -> None:
+        """In the producer's thread, for each snapshot the broker acknowledged."""
+        if self._undelivered:
+            log.warning("statistics reach %s again (%d snapshot(s) were lost before)",
+                        self.topic, self._undelivered)
+            self._undelivered = 0
+
+    def _lost(self, exc) -> None:
+        """In the producer's thread: a snapshot the broker never took (it was down for longer
+        than the delivery timeout). Said once a minute while it lasts; the next snapshot
+        carries the same counters, so nothing but freshness is lost."""
+        self._undelivered += 1
+        if now_ms() - self._warned_at >= self.WARN_EVERY_MS:
+            self._warned_at = now_ms()
+            log.warning("statistics not delivered to %s: %s (%d snapshot(s) so far; the "
+                        "producer keeps reconnecting)", self.topic, exc, self._undelivered)
+
     def _connect(self):
         from kafka import KafkaProducer
 
+        # kafka-python logs every failed connection attempt at ERROR; in a job's log that is
+        # a line per second per worker while a broker is down. This class says what matters.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
         return KafkaProducer(**self.producer_config)
 
     def close(self) -> None:
