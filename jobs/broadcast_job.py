@@ -10,7 +10,6 @@ may disagree on the current model ("model jitter").
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 from pyflink.common import Types
 from pyflink.datastream import DataStream
@@ -18,7 +17,7 @@ from pyflink.datastream import DataStream
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
-from udfs.flink.keys import balanced_spread_keys, spread_key
+from udfs.flink.keys import SpreadKey, balanced_spread_keys
 
 JOB = "broadcast"
 
@@ -26,13 +25,14 @@ JOB = "broadcast"
 def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
                    serving: BroadcastServing | None = None) -> tuple[DataStream, DataStream]:
     """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
-    ``serving`` replaces the join function (tests observe the join through a subclass)."""
+    The spreading key never raises (see ``udfs.flink.keys``). ``serving`` replaces the join
+    function (tests observe the join through a subclass)."""
     if serving is None:
         serving = BroadcastServing(settings, stats_producer_config(settings))
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
     parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)
-    results = data.key_by(partial(spread_key, keys=keys), key_type=Types.INT()) \
+    results = data.key_by(SpreadKey(keys), key_type=Types.INT()) \
         .connect(broadcast_models) \
         .process(serving, output_type=BYTES) \
         .name("serve models (broadcast)").uid("broadcast-serving")

@@ -15,8 +15,7 @@ from pyflink.datastream import DataStream
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing
-from udfs.flink.keys import model_data_type
-from udfs.records import record_data_type
+from udfs.flink.keys import ModelDataType, RecordDataType
 
 JOB = "keyed"
 
@@ -27,12 +26,13 @@ def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
 
     The key selectors read the data type straight from the bytes; the join gets the bytes
     and the key, so a record crosses into Python once before the shuffle and once to be
-    scored, with nothing but its bytes in either crossing. ``serving`` replaces the join
-    function (tests observe the join through a subclass)."""
+    scored, with nothing but its bytes in either crossing. The selectors never raise (see
+    ``udfs.flink.keys``). ``serving`` replaces the join function (tests observe the join
+    through a subclass)."""
     if serving is None:
         serving = KeyedServing(settings, stats_producer_config(settings))
     results = data.connect(models) \
-        .key_by(record_data_type, model_data_type, key_type=Types.STRING()) \
+        .key_by(RecordDataType(), ModelDataType(), key_type=Types.STRING()) \
         .process(serving, output_type=BYTES) \
         .name("serve models (keyed by data type)").uid("keyed-serving")
     return results, results.get_side_output(DEAD_LETTERS)

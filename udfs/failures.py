@@ -36,7 +36,7 @@ class FailureLog:
             self._last[kind] = now
             more = (f" ({suppressed} more like it in the last {now - last:.0f} s were not logged)"
                     if suppressed and last is not None else "")
-            self.logger.error("internal error %s: %s: %s%s", where, type(exc).__name__, exc, more,
+            self.logger.error("internal error %s: %s%s", where, describe(exc), more,
                               exc_info=(type(exc), exc, exc.__traceback__))
             return True
         except Exception:   # logging must never be the failure that stops serving
@@ -44,5 +44,10 @@ class FailureLog:
 
 
 def describe(exc: BaseException) -> str:
-    """"Type: message", as a dead letter's reason states an internal error."""
-    return f"{type(exc).__name__}: {exc}"
+    """"Type: message", as a dead letter's reason states an internal error. Never raises: an
+    exception whose message cannot be read (a broken ``__str__``) says so instead."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "(its message could not be read)"
+    return f"{type(exc).__name__}: {message}"

@@ -141,15 +141,17 @@ class ModelServer:
         return model
 
     def dead_letter(self, kind: int, raw: bytes, source_topic: str, reason: str,
-                    error: BaseException, data_type: str = "", model_name: str = "",
+                    error: BaseException | str, data_type: str = "", model_name: str = "",
                     model_version: str = "") -> bytes:
         """DeadLetter bytes of any input: ``raw`` cut to ``dead_letter_max_raw_bytes``, with
-        the whole input's size and SHA-256, so a dead letter is bounded whatever came in."""
+        the whole input's size and SHA-256, so a dead letter is bounded whatever came in.
+        ``error``: the exception, or the name of its type when only that is known."""
         raw = bytes(raw or b"")
         limit = self.dead_letter_max_raw_bytes
         return DeadLetter(kind=kind, raw=raw[:limit], rawSize=len(raw),
                           rawSha256=hashlib.sha256(raw).hexdigest(), rawTruncated=len(raw) > limit,
-                          exceptionType=type(error).__name__, sourceTopic=source_topic,
+                          exceptionType=error if isinstance(error, str) else type(error).__name__,
+                          sourceTopic=source_topic,
                           reason=reason, dataType=data_type, modelName=model_name,
                           modelVersion=model_version, atMs=now_ms(), subtask=self.subtask,
                           sourcePartition=UNKNOWN, sourceOffset=UNKNOWN).SerializeToString()
@@ -161,18 +163,45 @@ class ModelServer:
     def internal_model_dead_letter(self, raw: bytes, error: Exception, where: str) -> bytes:
         """A descriptor the project's own code failed on: logged (rate-limited), dead-lettered."""
         self.failures.failed(where, error)
-        return self.dead_letter(DeadLetter.INTERNAL_ERROR, raw, self.models_topic,
-                                f"internal error {where}: {describe_failure(error)}", error)
+        return self.internal_letter(raw, self.models_topic,
+                                    f"internal error {where}: {describe_failure(error)}",
+                                    type(error).__name__)
 
     def internal_error(self, raw: bytes, error: Exception, where: str, data_type: str = "",
                        model: LoadedModel | None = None) -> Outcome:
         """A record the project's own code failed on: logged (rate-limited), dead-lettered."""
         self.failures.failed(where, error)
-        letter = self.dead_letter(DeadLetter.INTERNAL_ERROR, raw, self.data_topic,
-                                  f"internal error {where}: {describe_failure(error)}", error,
-                                  data_type, model.info.name if model else "",
-                                  model.info.version if model else "")
+        data_type = data_type if isinstance(data_type, str) else ""
+        letter = self.internal_letter(raw, self.data_topic,
+                                      f"internal error {where}: {describe_failure(error)}",
+                                      type(error).__name__, data_type, model)
         return Outcome(INTERNAL_ERROR, letter, data_type)
+
+    def relayed_internal_error(self, raw: bytes, where: str, failure: str, model: bool = False) -> bytes:
+        """The dead letter of an input another operator failed on and logged (a key selector,
+        which cannot emit one): ``failure`` is its description, "Type: message"."""
+        return self.internal_letter(raw, self.models_topic if model else self.data_topic,
+                                    f"internal error {where}: {failure}",
+                                    failure.partition(":")[0] or "Exception")
+
+    def internal_letter(self, raw: bytes, source_topic: str, reason: str, exception_type: str,
+                        data_type: str = "", model: LoadedModel | None = None) -> bytes:
+        """An INTERNAL_ERROR dead letter; never raises: when the full one cannot be built (our
+        own code failing again on this input), one with the reason and what can be had of the
+        input's bytes."""
+        try:
+            return self.dead_letter(DeadLetter.INTERNAL_ERROR, raw, source_topic, reason,
+                                    exception_type, data_type, model.info.name if model else "",
+                                    model.info.version if model else "")
+        except Exception:
+            raw = raw if isinstance(raw, (bytes, bytearray)) else b""
+            limit = self.dead_letter_max_raw_bytes
+            return DeadLetter(kind=DeadLetter.INTERNAL_ERROR, raw=bytes(raw[:limit]),
+                              rawSize=len(raw), rawSha256=hashlib.sha256(raw).hexdigest(),
+                              rawTruncated=len(raw) > limit, exceptionType=exception_type,
+                              sourceTopic=source_topic, reason=reason, atMs=now_ms(),
+                              subtask=self.subtask, sourcePartition=UNKNOWN,
+                              sourceOffset=UNKNOWN).SerializeToString()
 
     def close(self) -> None:
         for model in self._cache.values():
@@ -238,7 +267,8 @@ class ModelServer:
 
     def _score(self, model: LoadedModel, rows, scored, outcomes) -> None:
         """Score ``rows`` and fill the outcomes of ``scored``; raises when the model fails
-        (nothing is filled then)."""
+        (nothing is filled then). A record whose result cannot be built or serialized is an
+        internal error of that record alone (the batch is not scored again)."""
         started = time.perf_counter()
         predictions = list(model.runtime.score(to_batch(rows, model.runtime.input_names)))
         if len(predictions) != len(rows):
@@ -249,13 +279,18 @@ class ModelServer:
         info = model.info
         filled = []
         for (position, record), prediction in zip(scored, predictions):
-            result = ServingResult(
-                status=ServingResult.SCORED, dataType=record.data_type, recordId=record.record_id,
-                recordTs=record.ts, modelName=info.name, modelVersion=info.version,
-                modelType=info.model_type, score=prediction.value, label=prediction.label,
-                probabilities=prediction.probabilities, classLabels=prediction.class_labels,
-                scoringMicros=micros, servedMs=served, subtask=self.subtask)
-            filled.append((position, self._bounded(result, record, model, micros)))
+            try:   # the model is done: a failure from here on is ours, and this record's only
+                result = ServingResult(
+                    status=ServingResult.SCORED, dataType=record.data_type, recordId=record.record_id,
+                    recordTs=record.ts, modelName=info.name, modelVersion=info.version,
+                    modelType=info.model_type, score=prediction.value, label=prediction.label,
+                    probabilities=prediction.probabilities, classLabels=prediction.class_labels,
+                    scoringMicros=micros, servedMs=served, subtask=self.subtask)
+                outcome = self._bounded(result, record, model, micros)
+            except Exception as exc:
+                outcome = self.internal_error(record.raw, exc, "serializing a result",
+                                              record.data_type, model)
+            filled.append((position, outcome))
         for position, outcome in filled:
             outcomes[position] = outcome
 

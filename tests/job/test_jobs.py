@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import os
 import tempfile
@@ -83,17 +84,17 @@ def fail_scoring_on(server, marker: float) -> None:
     server.build = failing_build
 
 
-def reporting_join(job: str, settings: Settings, gate: ModelsHandled, fail_on: float | None = None):
+def reporting_join(job: str, settings: Settings, gate: ModelsHandled, inject=None):
     """The job's own join function, marking ``gate`` after each model element (and, with
-    ``fail_on``, failing to score records holding that feature value)."""
+    ``inject``, calling ``inject(join)`` once it is open, to make its code fail)."""
     from udfs.flink.joins import BroadcastServing, KeyedServing
 
     if job == "keyed":
         class ReportingKeyed(KeyedServing):
             def open(self, runtime_context):
                 super().open(runtime_context)
-                if fail_on is not None:
-                    fail_scoring_on(self.server, fail_on)
+                if inject is not None:
+                    inject(self)
 
             def process_element2(self, raw, ctx):
                 yield from super().process_element2(raw, ctx)
@@ -104,8 +105,8 @@ def reporting_join(job: str, settings: Settings, gate: ModelsHandled, fail_on: f
     class ReportingBroadcast(BroadcastServing):
         def open(self, runtime_context):
             super().open(runtime_context)
-            if fail_on is not None:
-                fail_scoring_on(self.server, fail_on)
+            if inject is not None:
+                inject(self)
 
         def process_broadcast_element(self, raw, ctx):
             yield from super().process_broadcast_element(raw, ctx)
@@ -118,7 +119,7 @@ JOBS = ["keyed", "broadcast"]
 
 
 def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings,
-            fail_on: float | None = None):
+            inject=None):
     """Run ``job`` on the local environment: every model reaches the join before any record."""
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
@@ -143,7 +144,7 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
         data = collection(records).map(DecodeMap(gate), output_type=BYTES)
         model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
         results, dead_letters = build_pipeline(data, model_stream, settings,
-                                               serving=reporting_join(job, settings, gate, fail_on))
+                                               serving=reporting_join(job, settings, gate, inject))
         tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
         both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
             dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
@@ -204,30 +205,278 @@ def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models,
     assert model_letter.raw == bad_model and "model 'broken'" in model_letter.reason
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_a_failure_in_the_scoring_path_dead_letters_one_record_and_the_job_goes_on(
-        job, trained_models, settings):
-    """A runtime raising RuntimeError on one record (inside micro-batches of up to 16) makes
-    one INTERNAL_ERROR dead letter; the job keeps running and scores every other record."""
-    marker = -12345.0
-    rows = demo_rows()[:50]
-    bad = Row(DEMO_DATA_TYPE, rows[0].names, (marker,) + rows[0].values[1:], "injected")
-    records = [encode_record(r) for r in rows[:25]] + [encode_record(bad)] + \
-        [encode_record(r) for r in rows[25:]]
-    onnx = descriptor_for(trained_models[ModelType.ONNX]).SerializeToString()
-    batching = settings.replace(batch_max_size=16, batch_max_wait_ms=2000)
-    results, dead = run_job(job, records, [onnx], batching, fail_on=marker)
+# -- a failure of the project's own code in each path: the job goes on -------------------------
 
-    expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
-    scored = {r.recordId: r for r in results if r.status == ServingResult.SCORED}
-    assert set(scored) == set(expected) and len(results) == len(rows)
-    for record_id, prediction in expected.items():
-        assert scored[record_id].label == prediction.label
-    [letter] = dead
-    assert letter.kind == DeadLetter.INTERNAL_ERROR and letter.raw == records[25]
-    assert letter.exceptionType == "RuntimeError"
-    assert "RuntimeError: injected scoring failure" in letter.reason
-    assert letter.rawSize == len(records[25]) and not letter.rawTruncated
+#: First feature of the record whose scoring fails.
+SCORE_MARKER = -12345.0
+#: (path, what the failing input is): every path a record or a model takes through a job.
+INJECTED_PATHS = {
+    "record-key": "record key selection",
+    "parse": "record parsing",
+    "score": "scoring",
+    "serialize": "result serialization",
+    "metrics": "metrics update",
+    "statistics": "statistics tracking",
+    "publish": "statistics publishing",
+    "flush": "batch-flush timer",
+    "model-key": "model key selection (keyed job: models are keyed too)",
+    "model-build": "model parsing",
+    "model-install": "model installation",
+}
+#: The broadcast job keys no models.
+INJECTED = [(job, path) for job in JOBS for path in INJECTED_PATHS
+            if not (job == "broadcast" and path == "model-key")]
+
+
+def injected(what: str) -> RuntimeError:
+    return RuntimeError(f"injected {what} failure")
+
+
+def inject_failures(join) -> None:
+    """Make the join's own code raise RuntimeError in every path, each on its marker input
+    (a record or model named ``inject-<path>``; statistics publishing always): patched on
+    this instance inside the Python worker, as a bug there would raise."""
+    import udfs.serving
+    from udfs.flink.joins import ServingJoin
+
+    server, batcher = join.server, join.batcher
+
+    def marked(outcomes, name: str) -> bool:
+        return any(name.encode() in outcome.payload for outcome in outcomes)
+
+    # record parsing: a function of the module, which the parallel instances share (one
+    # process in loopback mode): wrapped once; the test puts the original back
+    parse = udfs.serving.parse_record
+    if not getattr(parse, "injected", False):
+        def failing_parse(raw):
+            record = parse(raw)
+            if record.record_id == "inject-parse":
+                raise injected("parsing")
+            return record
+        failing_parse.injected = True
+        udfs.serving.parse_record = failing_parse
+
+    fail_scoring_on(server, SCORE_MARKER)                              # scoring
+
+    build = server.build                                               # model parsing
+
+    def failing_build(raw):
+        if ModelDescriptor.FromString(raw).name == "inject-model-build":
+            raise injected("model parsing")
+        return build(raw)
+    server.build = failing_build
+
+    install = server.install                                           # model installation
+
+    def failing_install(data_type, model):
+        if model is not None and model.info.name == "inject-model-install":
+            raise injected("model installation")
+        return install(data_type, model)
+    server.install = failing_install
+
+    bounded = server._bounded                                          # result serialization
+
+    def failing_serialization(result, record, model, micros):
+        if record.record_id == "inject-serialize":
+            raise injected("serialization")
+        return bounded(result, record, model, micros)
+    server._bounded = failing_serialization
+
+    count = join.metrics.total.count                                   # metrics update
+
+    def failing_count(kind, outcomes):
+        if marked(outcomes, "inject-metrics"):
+            raise injected("metrics")
+        return count(kind, outcomes)
+    join.metrics.total.count = failing_count
+
+    def failing_track(ctx, data_type, part, model, outcomes):          # statistics tracking
+        # after the real work, so that statistics are still published (and fail there too)
+        ServingJoin._track(join, ctx, data_type, part, model, outcomes)
+        if marked(outcomes, "inject-statistics"):
+            raise injected("statistics")
+    join._track = failing_track
+
+    def failing_publish(key, value):                                   # statistics publishing
+        raise injected("publishing")
+    join.publisher.publish = failing_publish
+
+    for name in ("on_processing_timer", "on_end_of_input"):            # batch-flush timer
+        def failing_flush(key, *args, flush=getattr(batcher, name)):
+            if any(b"inject-flush" in raw for raw in batcher._pending(key)):
+                raise injected("flush")
+            return flush(key, *args)
+        setattr(batcher, name, failing_flush)
+
+
+def failing_key_selectors(job: str, monkeypatch) -> None:
+    """The job's own key selectors, raising on the marker inputs (``inject-record-key``,
+    ``inject-model-key``)."""
+    from udfs.flink.keys import ModelDataType, RecordDataType, SpreadKey
+
+    class FailingRecordKey(RecordDataType):
+        def select(self, raw):
+            if b"inject-record-key" in raw:
+                raise injected("record key")
+            return super().select(raw)
+
+    class FailingModelKey(ModelDataType):
+        def select(self, raw):
+            if b"inject-model-key" in raw:
+                raise injected("model key")
+            return super().select(raw)
+
+    class FailingSpreadKey(SpreadKey):
+        def select(self, raw):
+            if b"inject-record-key" in raw:
+                raise injected("record key")
+            return super().select(raw)
+
+    if job == "keyed":
+        monkeypatch.setattr("jobs.keyed_job.RecordDataType", FailingRecordKey)
+        monkeypatch.setattr("jobs.keyed_job.ModelDataType", FailingModelKey)
+    else:
+        monkeypatch.setattr("jobs.broadcast_job.SpreadKey", FailingSpreadKey)
+
+
+class ErrorLines(logging.Handler):
+    """The job's ERROR lines (the local job's Python functions run in this process: the
+    settings ask for loopback workers)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: list[tuple[str, bool]] = []
+
+    def emit(self, record):
+        self.lines.append((record.getMessage(), record.exc_info is not None))
+
+    def logged(self, start: str, failure: str) -> bool:
+        """An ERROR line that starts with ``start``, states ``failure`` and has a stack trace."""
+        return any(message.startswith(start) and failure in message and trace
+                   for message, trace in self.lines)
+
+
+def run_injected(job: str, trained_models, settings: Settings):
+    """Run ``job`` once with a failure injected into every path, each on inputs of its own."""
+    import udfs.serving
+
+    rows = demo_rows()
+    marker_rows = {path: Row(DEMO_DATA_TYPE, row.names, row.values, f"inject-{path}")
+                   for path, row in zip(["record-key", "parse", "score", "serialize", "metrics",
+                                         "statistics", "flush"], rows[40:])}
+    scored = marker_rows["score"]
+    marker_rows["score"] = Row(DEMO_DATA_TYPE, scored.names, (SCORE_MARKER,) + scored.values[1:],
+                               scored.record_id)
+    records = {row.record_id: encode_record(row) for row in rows[:40] + list(marker_rows.values())}
+    onnx = descriptor_for(trained_models[ModelType.ONNX])
+    models = {"onnx": onnx.SerializeToString()}
+    for path in ("model-key", "model-build", "model-install"):
+        if (job, path) in INJECTED:
+            marker = ModelDescriptor()
+            marker.CopyFrom(onnx)
+            marker.name = f"inject-{path}"
+            models[path] = marker.SerializeToString()
+    # batches larger than the input: every batch is flushed by a timer
+    batching = settings.replace(batch_max_size=64, batch_max_wait_ms=2000)
+    errors = ErrorLines()
+    logger = logging.getLogger("modelserving")
+    logger.addHandler(errors)
+    started = time.monotonic()
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(udfs.serving, "parse_record", udfs.serving.parse_record)
+            failing_key_selectors(job, monkeypatch)
+            results, dead = run_job(job, list(records.values()), list(models.values()), batching,
+                                    inject=inject_failures)
+    finally:
+        logger.removeHandler(errors)
+    answered = [path for path in ("metrics", "statistics", "flush", "record-key")
+                if not (job == "keyed" and path == "record-key")]
+    served = rows[:40] + [marker_rows[path] for path in answered]
+    return dict(results=results, dead=dead, errors=errors, records=records, models=models,
+                onnx=onnx, seconds=time.monotonic() - started,
+                expected=expected_predictions(models["onnx"], served, settings.resolved_model_dirs()))
+
+
+@pytest.fixture(scope="module")
+def injected_runs(trained_models, settings):
+    """One run of each job with every failure injected (the paths do not disturb each
+    other: each fails on inputs of its own), shared by the tests of its paths."""
+    runs = {}
+
+    def run(job: str):
+        if job not in runs:
+            try:
+                runs[job] = run_injected(job, trained_models, settings)
+            except Exception as exc:   # every path of the job fails with the job's exception
+                runs[job] = exc
+        if isinstance(runs[job], Exception):
+            raise runs[job]
+        return runs[job]
+    return run
+
+
+@pytest.mark.parametrize("job,path", INJECTED, ids=[f"{job}-{path}" for job, path in INJECTED])
+def test_a_failure_of_our_code_in_any_path_answers_that_input_and_the_job_goes_on(
+        job, path, injected_runs, trained_models, settings):
+    """A RuntimeError raised by the job's own code, in each path a record or a model takes
+    (key selection, parsing, scoring, serialization, metrics, statistics and their
+    publishing, the batch-flush timer, building and installing a model): the job finishes
+    (no exception from Flink, no restart: every record answered exactly once), every record
+    is scored by the model that serves, with the right prediction, and the failing input
+    becomes exactly one INTERNAL_ERROR dead letter of that exception; a record that can still
+    be served (a failure in metrics, statistics, flushing or the broadcast job's spreading
+    key) is scored. Either way the failure is logged at ERROR with its stack trace."""
+    run = injected_runs(job)
+    results, dead, errors, records, models = (run[k] for k in ("results", "dead", "errors",
+                                                                "records", "models"))
+    onnx_name = trained_models[ModelType.ONNX].name
+
+    # every record that can be served is scored once, by the ONNX model, rightly: the marker
+    # models (failing to build or install, or keyed under a failure key) replaced nothing
+    by_id = {}
+    for result in results:
+        assert result.recordId not in by_id, f"{result.recordId} answered twice"
+        by_id[result.recordId] = result
+    assert set(by_id) == set(run["expected"])
+    for record_id, prediction in run["expected"].items():
+        result = by_id[record_id]
+        assert result.status == ServingResult.SCORED and result.modelName == onnx_name
+        assert result.label == prediction.label
+        assert list(result.probabilities) == pytest.approx(list(prediction.probabilities), abs=1e-6)
+    # every other input is dead-lettered once, as INTERNAL_ERROR of a RuntimeError
+    failing_inputs = {path: raw for path, raw in models.items() if path != "onnx"}
+    failing_inputs.update({path: records[f"inject-{path}"] for path in ("parse", "score", "serialize")})
+    if job == "keyed":
+        failing_inputs["record-key"] = records["inject-record-key"]
+    assert sorted(letter.raw for letter in dead) == sorted(failing_inputs.values())
+    assert {(letter.kind, letter.exceptionType) for letter in dead} == \
+        {(DeadLetter.INTERNAL_ERROR, "RuntimeError")}
+
+    # this path
+    where, failure, model_input = {
+        "record-key": ("selecting the key of a record" if job == "keyed" else
+                       "selecting the spreading key of a record", "record key", False),
+        "parse": ("parsing a record", "parsing", False),
+        "score": ("scoring with ", "scoring", False),
+        "serialize": ("serializing a result", "serialization", False),
+        "metrics": ("counting outcomes", "metrics", False),
+        "statistics": ("keeping statistics", "statistics", False),
+        "publish": ("publishing statistics", "publishing", False),
+        "flush": ("flushing a batch", "flush", False),
+        "model-key": ("selecting the key of a model", "model key", True),
+        "model-build": ("building a model", "model parsing", True),
+        "model-install": ("installing a model", "model installation", True),
+    }[path]
+    stated = f"RuntimeError: injected {failure} failure"
+    assert errors.logged(f"internal error {where}", stated), errors.lines
+    if path in failing_inputs:
+        [letter] = [d for d in dead if d.raw == failing_inputs[path]]
+        assert letter.reason.startswith(f"internal error {where}") and letter.reason.endswith(stated)
+        assert letter.sourceTopic == (settings.models_topic if model_input else settings.data_topic)
+        assert letter.rawSize == len(failing_inputs[path]) and not letter.rawTruncated
+    elif path != "publish":
+        assert f"inject-{path}" in by_id            # served, despite the failure
 
 
 @pytest.mark.parametrize("job", JOBS)

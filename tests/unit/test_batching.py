@@ -329,3 +329,18 @@ def test_the_keyed_join_scores_waiting_records_by_the_model_they_arrived_under(t
                                   (rows[1].record_id, ServingResult.NO_MODEL)]
     assert results(end) == [(row.record_id, ServingResult.SCORED) for row in rows[2:]]
     join.close()
+
+
+def test_a_forgotten_flush_timer_is_registered_again_by_the_next_record():
+    """When flushing fails, the join takes the batch itself and forgets the key's timer, so
+    the next record does not wait for a full batch."""
+    instance = Instance(max_size=10, max_wait_ms=100)
+    r1, r2 = records("r", 2)
+    instance.record("k", r1)
+    instance.take("k")
+    instance.batcher.forget_timer("k")
+    instance.record("k", r2)
+    assert [t for t in instance.timers.registrations if t[0] == "processing"] == \
+        [("processing", "k", 100), ("processing", "k", 100)]
+    instance.advance(100)
+    assert instance.scored == [("k", [r1]), ("k", [r2])]

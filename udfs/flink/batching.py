@@ -71,6 +71,11 @@ class MicroBatcher:
         self._flush_due.pop(key, None)
         return self.take(key)
 
+    def forget_timer(self, key: Hashable) -> None:
+        """The flush timer of ``key`` is gone (it fired and the flush failed): the key's next
+        record registers a new one, so later records do not wait for a full batch."""
+        self._flush_due.pop(key, None)
+
     def on_end_of_input(self, key: Hashable) -> list[bytes]:
         """The END_OF_INPUT timer of ``key`` fired: the input is over, score what is left."""
         self._end_timers.discard(key)

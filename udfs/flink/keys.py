@@ -2,14 +2,41 @@
 
 The keyed job keys records and models by data type; the broadcast job keys records by a
 spreading key chosen with Flink's own key-group arithmetic, so every instance gets the same
-number of keys. Plain Python (no pyflink), so the arithmetic is testable on its own.
+number of keys. The arithmetic is plain Python, testable on its own.
+
+Key selectors run in Python for every record and model, in an operator of their own before
+the shuffle, where nothing can be dead-lettered; an exception there would restart the job.
+So the jobs' selectors never raise: a failure of the project's own code is logged at ERROR
+with its stack trace (rate-limited, like every internal error), counted in
+``modelserving.internal_errors`` of the key-selection operator, and the input gets a
+fallback key:
+
+- keyed job (records and models): the *failure key*, ``FAILED_KEY`` followed by the failure
+  ("Type: message"). No data type starts with a NUL character. The join dead-letters
+  whatever arrives under a failure key as INTERNAL_ERROR with that exception type (it cannot
+  be served: its model lives under the data type the selector failed to read), and counts it
+  in its ``internal_errors`` as any INTERNAL_ERROR dead letter;
+- broadcast job (records): the first spreading key. The spreading key only spreads the load,
+  so the record is served as usual, by whichever instance owns that key.
 """
 from __future__ import annotations
 
+import logging
 import zlib
 
+from pyflink.datastream.functions import KeySelector
+
 from udfs.errors import ModelError
+from udfs.failures import FailureLog, describe
 from udfs.models import parse_descriptor
+from udfs.records import record_data_type
+
+log = logging.getLogger("modelserving")
+
+#: The keyed job's failure key starts with this, and goes on with "Type: message" (cut to
+#: ``FAILURE_KEY_CHARS``).
+FAILED_KEY = "\x00key selection failed: "
+FAILURE_KEY_CHARS = 200
 
 
 def subtask_index(runtime_context) -> int:
@@ -72,3 +99,96 @@ def balanced_spread_keys(parallelism: int, per_instance: int, max_parallelism: i
             wanted[index].append(key)
         key += 1
     return tuple(k for index in range(parallelism) for k in wanted[index])
+
+
+def failure_key(exc: BaseException) -> str:
+    """The keyed job's key of an input whose key selector failed with ``exc``."""
+    return FAILED_KEY + describe(exc)[:FAILURE_KEY_CHARS]
+
+
+def key_failure(key) -> str | None:
+    """The failure ("Type: message") a failure key carries; None for any other key."""
+    if isinstance(key, str) and key.startswith(FAILED_KEY):
+        return key[len(FAILED_KEY):]
+    return None
+
+
+class GuardedKey(KeySelector):
+    """A key selector that never raises: ``select`` reads the key; when it raises, the
+    failure is logged (rate-limited) and counted, and ``fallback`` gives the key."""
+
+    where = "selecting a key"
+
+    def __init__(self):
+        self.internal_errors = 0
+        self._failures: FailureLog | None = None
+
+    def open(self, runtime_context) -> None:
+        try:
+            runtime_context.get_metrics_group().add_group("modelserving").gauge(
+                "internal_errors", lambda: self.internal_errors)
+        except Exception as exc:   # a missing metric must not stop the job either
+            self.failures.failed("registering the key selector's metric", exc)
+
+    @property
+    def failures(self) -> FailureLog:
+        if self._failures is None:
+            self._failures = FailureLog(log)
+        return self._failures
+
+    def get_key(self, value):
+        try:
+            return self.select(value)
+        except Exception as exc:
+            self.internal_errors += 1
+            self.failures.failed(self.where, exc)
+            return self.fallback(exc)
+
+    def select(self, value):
+        raise NotImplementedError
+
+    def fallback(self, exc: Exception):
+        raise NotImplementedError
+
+
+class RecordDataType(GuardedKey):
+    """The keyed job's key of a record: its data type ("" when it has none or does not parse:
+    the join dead-letters it); the failure key when reading it fails."""
+
+    where = "selecting the key of a record"
+
+    def select(self, raw):
+        return record_data_type(raw)
+
+    def fallback(self, exc):
+        return failure_key(exc)
+
+
+class ModelDataType(GuardedKey):
+    """The keyed job's key of a model descriptor: its data type ("" when it does not parse);
+    the failure key when reading it fails."""
+
+    where = "selecting the key of a model"
+
+    def select(self, raw):
+        return model_data_type(raw)
+
+    def fallback(self, exc):
+        return failure_key(exc)
+
+
+class SpreadKey(GuardedKey):
+    """The broadcast job's key of a record: one of ``keys`` by a hash of its bytes (see
+    ``spread_key``); the first of them when that fails."""
+
+    where = "selecting the spreading key of a record"
+
+    def __init__(self, keys: tuple[int, ...]):
+        super().__init__()
+        self.keys = tuple(keys)
+
+    def select(self, raw):
+        return spread_key(raw, self.keys)
+
+    def fallback(self, exc):
+        return self.keys[0]

@@ -1,15 +1,22 @@
 """The serving metrics in Flink's metric system, as the web UI and the tests read them.
 
 Names are part of the interface: ``modelserving.records_scored``, ``records_no_model``,
-``dead_letters_records``, ``dead_letters_models``, ``internal_errors`` (records and models the
-job's own code failed on, dead-lettered as INTERNAL_ERROR), ``models_loaded``, ``scoring_micros``,
+``dead_letters_records``, ``dead_letters_models``, ``internal_errors`` (failures of the job's
+own code: records and models dead-lettered as INTERNAL_ERROR, and failures serving survived,
+in statistics, metrics or batching), ``models_loaded``, ``scoring_micros``,
 and per data type ``modelserving.datatype.<type>.*`` plus ``model_version`` and
 ``model_age_seconds``.
+
+Metrics never raise into the join: a failure to count is logged (rate-limited, with its stack
+trace) and counted in ``internal_errors``; a gauge that cannot be read reads -1 (PyFlink reads
+the gauges at the end of every bundle, where an exception would fail the job).
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
+from udfs.failures import FailureLog
 from udfs.serving import BAD_RECORD, INTERNAL_ERROR, NO_MODEL, SCORED, LoadedModel, now_ms
 
 log = logging.getLogger("modelserving")
@@ -23,9 +30,10 @@ class ServingMetrics:
     (2.2, process mode) drops counter and distribution updates made while a timer fires,
     and micro-batches are mostly scored from their flush timer."""
 
-    def __init__(self, runtime_context):
+    def __init__(self, runtime_context, failures: FailureLog | None = None):
+        self.failures = failures or FailureLog(log)
         self.group = runtime_context.get_metrics_group().add_group("modelserving")
-        self.total = _Counters(self.group)
+        self.total = _Counters(self.group, failures=self.failures)
         self.bad_models = _Count(self.group, "dead_letters_models")
         self.models_loaded = _Count(self.group, "models_loaded")
         self._per_type: dict[str, _Counters] = {}
@@ -33,22 +41,29 @@ class ServingMetrics:
     def for_type(self, data_type: str) -> "_Counters":
         counters = self._per_type.get(data_type)
         if counters is None:
-            counters = _Counters(self.group.add_group("datatype", data_type or "(none)"), per_type=True)
+            counters = _Counters(self.group.add_group("datatype", data_type or "(none)"),
+                                 per_type=True, failures=self.failures)
             self._per_type[data_type] = counters
         return counters
 
     def count(self, outcomes) -> None:
-        """Count a batch's outcomes; never raises (metrics must not stop serving)."""
+        """Count a batch's outcomes; never raises (metrics must not stop serving): a failure
+        is logged and counted as an internal error."""
         try:
             self._count(outcomes)
         except Exception as exc:
-            log.warning("counting outcomes failed: %s: %s", type(exc).__name__, exc)
+            self.failures.failed("counting outcomes", exc)
+            self.internal_error()
 
     def internal_error(self, data_type: str = "") -> None:
-        """Count an internal error outside a record's outcome (a model's)."""
-        self.total.internal.inc()
-        if data_type:
-            self.for_type(data_type).internal.inc()
+        """Count an internal error outside a record's outcome (a model's, or one serving
+        survived); never raises."""
+        try:
+            self.total.internal.inc()
+            if data_type:
+                self.for_type(data_type).internal.inc()
+        except Exception as exc:
+            self.failures.failed("counting an internal error", exc)
 
     def _count(self, outcomes) -> None:
         kinds: dict[tuple[str, str], list] = {}
@@ -64,14 +79,15 @@ class _Count:
 
     def __init__(self, group, name: str):
         self.value = 0
-        group.gauge(name, lambda: self.value)
+        group.gauge(name, lambda: self.value)   # reading an int cannot fail
 
     def inc(self, n: int = 1) -> None:
         self.value += n
 
 
 class _Counters:
-    def __init__(self, group, per_type: bool = False):
+    def __init__(self, group, per_type: bool = False, failures: FailureLog | None = None):
+        failures = failures or FailureLog(log)
         self.scored = _Count(group, "records_scored")
         self.no_model = _Count(group, "records_no_model")
         self.bad_records = _Count(group, "dead_letters_records")
@@ -79,18 +95,33 @@ class _Counters:
         self._by_kind = {SCORED: self.scored, NO_MODEL: self.no_model, BAD_RECORD: self.bad_records,
                          INTERNAL_ERROR: self.internal}
         self._micros_total = 0.0
-        group.gauge("scoring_micros", lambda: int(self._micros_total / self.scored.value)
-                    if self.scored.value else 0)   # mean model time per scored record
+        group.gauge("scoring_micros", _safe(lambda: int(self._micros_total / self.scored.value)
+                                            if self.scored.value else 0,   # mean model time
+                                            "scoring_micros", failures))
         self.model: LoadedModel | None = None
         if per_type:
-            group.gauge("model_version", lambda: _numeric(self.model.info.version) if self.model else -1)
-            group.gauge("model_age_seconds",
-                        lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1)
+            group.gauge("model_version", _safe(
+                lambda: _numeric(self.model.info.version) if self.model else -1,
+                "model_version", failures))
+            group.gauge("model_age_seconds", _safe(
+                lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1,
+                "model_age_seconds", failures))
 
     def count(self, kind: str, outcomes) -> None:
         self._by_kind[kind].inc(len(outcomes))
         if kind == SCORED:
             self._micros_total += sum(outcome.micros for outcome in outcomes)
+
+
+def _safe(read: Callable[[], int], name: str, failures: FailureLog) -> Callable[[], int]:
+    """A gauge that never raises: -1 when ``read`` fails (logged, rate-limited)."""
+    def gauge() -> int:
+        try:
+            return int(read())
+        except Exception as exc:
+            failures.failed(f"reading the gauge {name}", exc)
+            return -1
+    return gauge
 
 
 def _numeric(version: str) -> int:
