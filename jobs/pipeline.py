@@ -36,6 +36,16 @@ log = logging.getLogger("modelserving")
 #: Kafka's broker default transaction.max.timeout.ms; the connector's own default (1 h) is
 #: refused by brokers left at their defaults.
 TRANSACTION_TIMEOUT_MS = "900000"
+#: How long a job waits for a broker that is down before anything fails: the sinks keep
+#: their records (delivery.timeout.ms), the sources' partition lookups keep retrying
+#: (default.api.timeout.ms). Measured with the clients' defaults (2 min, 1 min): a 5-minute
+#: outage expired the sink's records, the job failed, and the exactly-once sink's
+#: transaction abort on cancel timed out too, which Flink treats as fatal for the whole
+#: TaskManager. Shorter than the transaction timeout, so an open transaction survives the wait.
+BROKER_WAIT_MS = "600000"
+#: Checkpoints that may fail in a row (e.g. time out during a broker outage) before the job
+#: restarts; Flink's default is 0.
+TOLERABLE_CHECKPOINT_FAILURES = 3
 
 BuildPipeline = Callable[[DataStream, DataStream, Settings], "tuple[DataStream, DataStream]"]
 
@@ -67,6 +77,10 @@ def create_environment(settings: Settings, extra: dict[str, str] | None = None,
         env.set_parallelism(settings.parallelism)
     if settings.checkpoint_interval_ms > 0:
         env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+        # a checkpoint cannot complete while the broker is down (the sinks flush into it);
+        # the one that times out meanwhile must not fail the job that is waiting for it
+        env.get_checkpoint_config().set_tolerable_checkpoint_failure_number(
+            TOLERABLE_CHECKPOINT_FAILURES)
     jar = connector_jar(settings) if with_connector else None
     if jar is not None:
         env.add_jars(jar.as_uri())
@@ -123,6 +137,7 @@ def kafka_source(settings: Settings, topic: str, group_id: str,
                .set_starting_offsets(offsets)
                .set_value_only_deserializer(ByteArraySchema())
                .set_property("partition.discovery.interval.ms", "10000")
+               .set_property("default.api.timeout.ms", BROKER_WAIT_MS)
                .set_property("client.id.prefix", group_id))
     for key, value in connector_properties(settings).items():
         builder.set_property(key, value)
@@ -133,7 +148,8 @@ def sink_properties(settings: Settings) -> dict[str, str]:
     """Kafka producer properties of the sinks: the connector's, and requests as large as the
     topics accept (``MAX_MESSAGE_BYTES``, the limit the topics are created with), so a result
     or dead letter the topic takes never fails the sink (the producer default is 1 MiB)."""
-    return {**connector_properties(settings), "max.request.size": str(MAX_MESSAGE_BYTES)}
+    return {**connector_properties(settings), "max.request.size": str(MAX_MESSAGE_BYTES),
+            "delivery.timeout.ms": BROKER_WAIT_MS}
 
 
 def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from protos import DeadLetter, ServingResult
-from udfs.errors import ModelError, RecordError, ResultTooLarge
+from udfs.errors import ModelError, RecordError, RecordTooLarge, ResultTooLarge
 from udfs.failures import FailureLog, describe as describe_failure
 from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
 from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
@@ -31,6 +31,7 @@ INTERNAL_ERROR = "internal_error"   # the project's own code failed on the recor
 #: Defaults of the settings ``dead_letter_max_raw_bytes`` and ``max_result_bytes``.
 DEAD_LETTER_MAX_RAW_BYTES = 64 * 1024
 MAX_RESULT_BYTES = 1024 * 1024
+MAX_RECORD_BYTES = 1024 * 1024
 #: Partition or offset of an input the serving function does not know (see README, Bad input).
 UNKNOWN = -1
 
@@ -71,7 +72,8 @@ class ModelServer:
                  data_topic: str, models_topic: str, subtask: int = 0,
                  max_inline_model_bytes: int | None = None,
                  dead_letter_max_raw_bytes: int = DEAD_LETTER_MAX_RAW_BYTES,
-                 max_result_bytes: int = MAX_RESULT_BYTES, failures: FailureLog | None = None):
+                 max_result_bytes: int = MAX_RESULT_BYTES,
+                 max_record_bytes: int = MAX_RECORD_BYTES, failures: FailureLog | None = None):
         self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
         self.max_model_bytes = max_model_bytes
         self.max_inline_model_bytes = max_inline_model_bytes or max_model_bytes
@@ -80,6 +82,7 @@ class ModelServer:
         self.subtask = subtask
         self.dead_letter_max_raw_bytes = dead_letter_max_raw_bytes
         self.max_result_bytes = max_result_bytes
+        self.max_record_bytes = max_record_bytes
         self.failures = failures or FailureLog(log)
         self._cache: dict[str, LoadedModel] = {}
         self._broken: dict[str, tuple[str, ModelError]] = {}   # data type -> (model id, error)
@@ -303,6 +306,15 @@ class ModelServer:
                                    f"{self.max_result_bytes})")
             return self._bad_record(record.raw, error, model, record.data_type)
         return Outcome(SCORED, payload, record.data_type, micros)
+
+    def oversized(self, raw: bytes) -> Outcome | None:
+        """The dead letter of a record over ``max_record_bytes``, else None: checked on
+        arrival, so no such record ever waits in state for its batch."""
+        if len(raw) <= self.max_record_bytes:
+            return None
+        error = RecordTooLarge(f"record too large ({len(raw)} bytes > max_record_bytes "
+                               f"{self.max_record_bytes})")
+        return self._bad_record(raw, error, None, "")
 
     def _no_model(self, record: ParsedRecord) -> bytes:
         return ServingResult(status=ServingResult.NO_MODEL, dataType=record.data_type,

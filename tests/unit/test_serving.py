@@ -290,6 +290,22 @@ def test_a_dead_letter_keeps_a_bounded_prefix_with_the_whole_inputs_size_and_dig
         assert "not a WineRecord or DataRecord protobuf" in letter.reason
 
 
+def test_a_record_over_max_record_bytes_is_refused_on_arrival_with_its_size(demo_rows):
+    """Rule: a record longer than max_record_bytes is a BAD_RECORD dead letter before it is
+    parsed (or held in state for a batch); one of exactly that size is served."""
+    raw = encode_record(demo_rows[0])
+    server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models",
+                         max_record_bytes=len(raw), dead_letter_max_raw_bytes=50)
+    assert server.oversized(raw) is None
+    big = raw + b"\x00"
+    outcome = server.oversized(big)
+    assert outcome.kind == BAD_RECORD
+    letter = DeadLetter.FromString(outcome.payload)
+    assert letter.kind == DeadLetter.BAD_RECORD and letter.exceptionType == "RecordTooLarge"
+    assert letter.reason == f"record too large ({len(raw) + 1} bytes > max_record_bytes {len(raw)})"
+    assert letter.rawSize == len(big) and letter.raw == big[:50] and letter.sourceTopic == "mdata"
+
+
 def test_a_20_mb_inputs_dead_letter_is_small():
     """The default bound (64 KiB) plus a few hundred bytes of fields, whatever came in."""
     server = ModelServer(max_model_bytes=1000, data_topic="mdata", models_topic="models")

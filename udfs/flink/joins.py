@@ -95,6 +95,7 @@ class ServingJoin:
                                   models_topic=self.settings.models_topic, subtask=self.subtask,
                                   dead_letter_max_raw_bytes=self.settings.dead_letter_max_raw_bytes,
                                   max_result_bytes=self.settings.max_result_bytes,
+                                  max_record_bytes=self.settings.max_record_bytes,
                                   failures=self.failures)
         self.metrics = ServingMetrics(runtime_context, self.failures)
         self.batcher: MicroBatcher | None = None
@@ -153,6 +154,10 @@ class ServingJoin:
         if failure is not None:
             letter = self.server.relayed_internal_error(raw, RecordDataType.where, failure)
             yield from self.answer([Outcome(INTERNAL_ERROR, letter, "")])
+            return
+        oversized = self.server.oversized(raw)
+        if oversized is not None:
+            yield from self.answer([oversized])
             return
         if self.batcher is None:
             yield from self.serve_pending(ctx, key, [raw])
