@@ -37,11 +37,13 @@ log = logging.getLogger("modelserving")
 #: refused by brokers left at their defaults.
 TRANSACTION_TIMEOUT_MS = "900000"
 #: How long a job waits for a broker that is down before anything fails: the sinks keep
-#: their records (delivery.timeout.ms), the sources' partition lookups keep retrying
-#: (default.api.timeout.ms). Measured with the clients' defaults (2 min, 1 min): a 5-minute
-#: outage expired the sink's records, the job failed, and the exactly-once sink's
-#: transaction abort on cancel timed out too, which Flink treats as fatal for the whole
-#: TaskManager. Shorter than the transaction timeout, so an open transaction survives the wait.
+#: their records (delivery.timeout.ms) and wait to start their next transaction at a
+#: checkpoint (max.block.ms), the sources' partition lookups keep retrying
+#: (default.api.timeout.ms). Measured with the clients' defaults (2 min, 1 min, 1 min): a
+#: 5-minute outage failed the job (the sink's records expired; with those kept, starting
+#: the next transaction timed out), and the exactly-once sink's transaction abort on cancel
+#: timed out too, which Flink treats as fatal for the whole TaskManager. Shorter than the
+#: transaction timeout, so an open transaction survives the wait.
 BROKER_WAIT_MS = "600000"
 #: Checkpoints that may fail in a row (e.g. time out during a broker outage) before the job
 #: restarts; Flink's default is 0.
@@ -149,7 +151,7 @@ def sink_properties(settings: Settings) -> dict[str, str]:
     topics accept (``MAX_MESSAGE_BYTES``, the limit the topics are created with), so a result
     or dead letter the topic takes never fails the sink (the producer default is 1 MiB)."""
     return {**connector_properties(settings), "max.request.size": str(MAX_MESSAGE_BYTES),
-            "delivery.timeout.ms": BROKER_WAIT_MS}
+            "delivery.timeout.ms": BROKER_WAIT_MS, "max.block.ms": BROKER_WAIT_MS}
 
 
 def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:

@@ -257,17 +257,20 @@ def survive_outage(module: str, outage_s: float, flink, kafka_broker, trained_mo
 
         sent_at: dict[str, float] = {}
         stop_streaming = threading.Event()
+        # a producer that keeps what it could not send for as long as the outage lasts
+        producer = client.producer(settings, delivery_timeout_ms=int((outage_s + 300) * 1000))
 
         def stream() -> None:
             i = 0
             while not stop_streaming.is_set():
                 row = deployment.row("outage", i)
-                deployment.producer.send(settings.data_topic, key=row.data_type.encode(),
-                                         value=client.encode_record(row))
+                producer.send(settings.data_topic, key=row.data_type.encode(),
+                              value=client.encode_record(row))
                 sent_at[row.record_id] = time.time()
                 i += 1
                 time.sleep(1 / RATE)
-            deployment.producer.flush(timeout=120)
+            producer.flush(timeout=120)
+            producer.close()
 
         sender = threading.Thread(target=stream, daemon=True)
         sender.start()

@@ -284,6 +284,7 @@ def test_the_sinks_take_messages_as_large_as_the_topics_do(tmp_path):
     # records wait for a broker that is down, but never past their transaction's timeout
     from jobs.pipeline import TRANSACTION_TIMEOUT_MS
     assert 120_000 < int(props["delivery.timeout.ms"]) < int(TRANSACTION_TIMEOUT_MS)
+    assert props["max.block.ms"] == props["delivery.timeout.ms"]
 
 
 def test_a_checkpoint_dir_is_given_to_flink_as_a_uri(tmp_path):
