@@ -151,30 +151,26 @@ class GuardedKey(KeySelector):
         raise NotImplementedError
 
 
-class RecordDataType(GuardedKey):
-    """The keyed job's key of a record: its data type ("" when it has none or does not parse:
-    the join dead-letters it); the failure key when reading it fails."""
+class DataTypeKey(GuardedKey):
+    """The keyed job's keys: a data type ("" when there is none or it does not parse: the
+    join dead-letters such input); the failure key when reading it fails."""
 
+    def fallback(self, exc):
+        return failure_key(exc)
+
+
+class RecordDataType(DataTypeKey):
     where = "selecting the key of a record"
 
     def select(self, raw):
         return record_data_type(raw)
 
-    def fallback(self, exc):
-        return failure_key(exc)
 
-
-class ModelDataType(GuardedKey):
-    """The keyed job's key of a model descriptor: its data type ("" when it does not parse);
-    the failure key when reading it fails."""
-
+class ModelDataType(DataTypeKey):
     where = "selecting the key of a model"
 
     def select(self, raw):
         return model_data_type(raw)
-
-    def fallback(self, exc):
-        return failure_key(exc)
 
 
 class SpreadKey(GuardedKey):
