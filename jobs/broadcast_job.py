@@ -1,8 +1,8 @@
 """The broadcast ("flat") join: every model goes to every parallel instance.
 
-Scales with the data volume of one or a few data types: records are spread over all
+Scales with the data volume of one or a few data types: record batches are spread over all
 instances by a spreading key (not the data type), and each instance scores with the model
-for the record's data type held in broadcast state. For a moment after an update, instances
+for each record's data type held in broadcast state. For a moment after an update, instances
 may disagree on the current model ("model jitter").
 
     python -m jobs.broadcast_job --bootstrap-servers host:9092 --parallelism 2
@@ -16,25 +16,26 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
-from udfs.flink.joins import BYTES, DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
+from udfs.flink.batches import RESULT_BATCH
+from udfs.flink.joins import DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
 from udfs.flink.keys import SpreadKey, balanced_spread_keys
 
 JOB = "broadcast"
 
 
-def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
+def build_pipeline(batches: DataStream, models: DataStream, settings: Settings,
                    serving: BroadcastServing | None = None) -> tuple[DataStream, DataStream]:
-    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
-    The spreading key never raises (see ``udfs.flink.keys``). ``serving`` replaces the join
-    function (tests observe the join through a subclass)."""
+    """Record batches and models-topic messages in; result batches and dead-letter bytes out
+    (``udfs.flink.batches``). The spreading key never raises (see ``udfs.flink.keys``).
+    ``serving`` replaces the join function (tests observe the join through a subclass)."""
     if serving is None:
         serving = BroadcastServing(settings, stats_producer_config(settings))
     broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS)
-    parallelism = settings.parallelism or data.get_execution_environment().get_parallelism()
+    parallelism = settings.parallelism or batches.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)
-    results = data.key_by(SpreadKey(keys), key_type=Types.INT()) \
+    results = batches.key_by(SpreadKey(keys), key_type=Types.INT()) \
         .connect(broadcast_models) \
-        .process(serving, output_type=BYTES) \
+        .process(serving, output_type=RESULT_BATCH) \
         .name("serve models (broadcast)").uid("broadcast-serving")
     return results, results.get_side_output(DEAD_LETTERS)
 

@@ -14,26 +14,30 @@ from pyflink.datastream import DataStream
 
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
-from udfs.flink.joins import BYTES, DEAD_LETTERS, KeyedServing
-from udfs.flink.keys import ModelDataType, RecordDataType
+from udfs.flink.batches import DATA_TYPE_BATCH, RESULT_BATCH, SplitByDataType
+from udfs.flink.joins import DEAD_LETTERS, KeyedServing
+from udfs.flink.keys import BatchDataType, ModelDataType
 
 JOB = "keyed"
 
 
-def build_pipeline(data: DataStream, models: DataStream, settings: Settings,
+def build_pipeline(batches: DataStream, models: DataStream, settings: Settings,
                    serving: KeyedServing | None = None) -> tuple[DataStream, DataStream]:
-    """Raw record and descriptor bytes in; raw ServingResult and DeadLetter bytes out.
+    """Record batches and models-topic messages in; result batches and dead-letter bytes out
+    (``udfs.flink.batches``).
 
-    The key selectors read the data type straight from the bytes; the join gets the bytes
-    and the key, so a record crosses into Python once before the shuffle and once to be
-    scored, with nothing but its bytes in either crossing. The selectors never raise (see
-    ``udfs.flink.keys``). ``serving`` replaces the join function (tests observe the join
-    through a subclass)."""
+    Each record batch is split by data type (one Python crossing per batch, chained with the
+    key selector), and each data type's sub-batch meets its model in the join: one more
+    crossing per sub-batch, and one per batch of results. The split and the selectors never
+    raise (see ``udfs.flink.keys``). ``serving`` replaces the join function (tests observe
+    the join through a subclass)."""
     if serving is None:
         serving = KeyedServing(settings, stats_producer_config(settings))
-    results = data.connect(models) \
-        .key_by(RecordDataType(), ModelDataType(), key_type=Types.STRING()) \
-        .process(serving, output_type=BYTES) \
+    by_data_type = batches.flat_map(SplitByDataType(), output_type=DATA_TYPE_BATCH) \
+        .name("split batches by data type").uid("keyed-split")
+    results = by_data_type.connect(models) \
+        .key_by(BatchDataType(), ModelDataType(), key_type=Types.STRING()) \
+        .process(serving, output_type=RESULT_BATCH) \
         .name("serve models (keyed by data type)").uid("keyed-serving")
     return results, results.get_side_output(DEAD_LETTERS)
 

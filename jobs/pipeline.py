@@ -1,8 +1,13 @@
 """What both jobs share: the Flink environment, Kafka sources and sinks, and the run loop.
 
-A job's ``build_pipeline`` takes data and model streams of raw bytes and returns result and
-dead-letter streams of raw bytes; this module plugs Kafka on both ends. Tests plug in-memory
-collections instead.
+A job's ``build_pipeline`` takes a stream of record batches and a stream of models-topic
+messages (``udfs.flink.batches``: ``RECORD_BATCH``, ``MODEL_MESSAGE``) and returns a stream
+of result batches (``RESULT_BATCH``) and one of dead-letter bytes; this module plugs Kafka on
+both ends. Python is entered once per batch: the batches are formed on Flink's JVM side, by
+the Table API's Kafka source (``raw`` format, with each record's partition and offset as
+metadata columns) and a processing-time tumbling window of ``batch_max_wait_ms`` per
+partition (``ARRAY_AGG``); result batches are flattened on the JVM side too (``UNNEST``)
+before the results sink. Tests plug in-memory collections of batches instead.
 """
 from __future__ import annotations
 
@@ -11,17 +16,14 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from pyflink.common import Configuration, WatermarkStrategy
+from pyflink.common import Configuration
 from pyflink.common.serialization import ByteArraySchema
 from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
 from pyflink.datastream.connectors.base import DeliveryGuarantee
-from pyflink.datastream.connectors.kafka import (
-    KafkaOffsetResetStrategy,
-    KafkaOffsetsInitializer,
-    KafkaRecordSerializationSchema,
-    KafkaSink,
-    KafkaSource,
-)
+from pyflink.datastream.connectors.kafka import KafkaRecordSerializationSchema, KafkaSink
+from pyflink.table import DataTypes, Schema, StreamTableEnvironment, Table, TableDescriptor
+from pyflink.table.expressions import col
+from pyflink.table.types import _to_java_data_type
 
 from jobs.kafka_config import (
     FLINK_SQL_CONNECTOR_PACKAGE,
@@ -130,20 +132,94 @@ def stats_producer_config(settings: Settings) -> dict:
     return kafka_python(settings, acks=1, linger_ms=100, max_block_ms=1000)
 
 
-def kafka_source(settings: Settings, topic: str, group_id: str,
-                 offsets: KafkaOffsetsInitializer) -> KafkaSource:
-    builder = (KafkaSource.builder()
-               .set_bootstrap_servers(settings.bootstrap_servers)
-               .set_topics(topic)
-               .set_group_id(group_id)
-               .set_starting_offsets(offsets)
-               .set_value_only_deserializer(ByteArraySchema())
-               .set_property("partition.discovery.interval.ms", "10000")
-               .set_property("default.api.timeout.ms", BROKER_WAIT_MS)
-               .set_property("client.id.prefix", group_id))
-    for key, value in connector_properties(settings).items():
-        builder.set_property(key, value)
-    return builder.build()
+#: Partitions added to a topic are found within this time.
+PARTITION_DISCOVERY = "10 s"
+#: Starting offsets of the data topic when the job has no state, per ``data_starting_offsets``;
+#: "committed" falls back to the earliest offset for a group without committed offsets.
+STARTUP_MODES = {"earliest": "earliest-offset", "latest": "latest-offset",
+                 "committed": "group-offsets"}
+
+
+def kafka_table(t_env: StreamTableEnvironment, settings: Settings, topic: str, group_id: str,
+                startup_mode: str) -> Table:
+    """A topic as a table: ``value`` bytes (the ``raw`` format: the message as it is),
+    ``partition`` and ``offset`` of each message, and ``arrival``, its processing time.
+    Tombstones (no value) are left out, as no record or model is one. Offsets are in Flink's
+    checkpoints and committed to the group on each one."""
+    schema = (Schema.new_builder()
+              .column("value", DataTypes.BYTES())
+              .column_by_metadata("partition", DataTypes.INT(), "partition", True)
+              .column_by_metadata("offset", DataTypes.BIGINT(), "offset", True)
+              .column_by_expression("arrival", "PROCTIME()")
+              .build())
+    options = {"topic": topic, "properties.bootstrap.servers": settings.bootstrap_servers,
+               "properties.group.id": group_id, "scan.startup.mode": startup_mode,
+               "properties.auto.offset.reset": "earliest",
+               "scan.topic-partition-discovery.interval": PARTITION_DISCOVERY,
+               "properties.default.api.timeout.ms": BROKER_WAIT_MS,
+               "properties.client.id.prefix": group_id}
+    options.update({f"properties.{key}": value
+                    for key, value in connector_properties(settings).items()})
+    builder = TableDescriptor.for_connector("kafka").schema(schema).format("raw")
+    for key, value in options.items():
+        builder.option(key, value)
+    return t_env.from_descriptor(builder.build()).filter(col("value").is_not_null)
+
+
+def window_literal(milliseconds: int) -> str:
+    """A SQL interval of ``milliseconds`` (at least 1)."""
+    return f"INTERVAL '{max(milliseconds, 1) / 1000:.3f}' SECOND"
+
+
+def record_batches(t_env: StreamTableEnvironment, settings: Settings, job: str) -> DataStream:
+    """The data topic as ``RECORD_BATCH`` rows: per partition, the records that arrived within
+    one ``batch_max_wait_ms`` window, in partition order, with their offsets."""
+    table = kafka_table(t_env, settings, settings.data_topic, settings.group_id,
+                        STARTUP_MODES[settings.data_starting_offsets])
+    batches = t_env.sql_query(
+        "SELECT `partition`, ARRAY_AGG(`offset`) AS offsets, ARRAY_AGG(`value`) AS records "
+        f"FROM TABLE(TUMBLE(TABLE {table}, DESCRIPTOR(arrival), "
+        f"{window_literal(settings.batch_max_wait_ms)})) "
+        "GROUP BY window_start, window_end, `partition`")
+    stream = t_env.to_data_stream(batches)
+    name_upstream(stream, f"{job}-data-source", f"{job}-data-batches",
+                  "data: " + settings.data_topic)
+    return stream
+
+
+def model_messages(t_env: StreamTableEnvironment, settings: Settings, job: str) -> DataStream:
+    """The models topic as ``MODEL_MESSAGE`` rows, from its earliest offset when the job has
+    no state, so a fresh job finds the latest model of every data type."""
+    table = kafka_table(t_env, settings, settings.models_topic, settings.group_id + "-models",
+                        "earliest-offset")
+    stream = t_env.to_data_stream(table.select(col("partition"), col("offset"), col("value")))
+    name_upstream(stream, f"{job}-models-source", None, "models: " + settings.models_topic)
+    return stream
+
+
+def name_upstream(stream: DataStream, source_uid: str, window_uid: str | None,
+                  source_name: str) -> None:
+    """Give the planner's source (and window) operators stable uids, which it does not:
+    savepoints map state to operators by uid, and the source's uid is the one the jobs' Kafka
+    sources always had, so savepoints of earlier versions keep their offsets."""
+    pending = [stream._j_data_stream.getTransformation()]
+    while pending:
+        transformation = pending.pop()
+        kind = transformation.getClass().getSimpleName()
+        if kind == "SourceTransformation":
+            transformation.setUid(source_uid)
+            transformation.setName(source_name)
+        elif window_uid and transformation.getName().startswith("WindowAggregate"):
+            transformation.setUid(window_uid)
+        pending.extend(transformation.getInputs())
+
+
+def flattened(t_env: StreamTableEnvironment, result_batches: DataStream) -> DataStream:
+    """``RESULT_BATCH`` rows back to one ServingResult (bytes) per element, on the JVM side."""
+    table = t_env.from_data_stream(result_batches)
+    results = t_env.sql_query(f"SELECT `payload` FROM {table} CROSS JOIN UNNEST(`results`) AS r(`payload`)")
+    return DataStream(t_env._j_tenv.toDataStream(results._j_table,
+                                                 _to_java_data_type(DataTypes.BYTES())))
 
 
 def sink_properties(settings: Settings) -> dict[str, str]:
@@ -174,29 +250,14 @@ def kafka_sink(settings: Settings, topic: str, purpose: str) -> KafkaSink:
     return builder.build()
 
 
-def data_offsets(settings: Settings) -> KafkaOffsetsInitializer:
-    if settings.data_starting_offsets == "earliest":
-        return KafkaOffsetsInitializer.earliest()
-    if settings.data_starting_offsets == "latest":
-        return KafkaOffsetsInitializer.latest()
-    return KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST)
-
-
 def kafka_pipeline(env: StreamExecutionEnvironment, settings: Settings, build: BuildPipeline,
                    job: str) -> None:
-    """Kafka in, ``build``, Kafka out. Models are always read from the earliest offset when
-    the job has no state, so a fresh job finds the latest model of every data type."""
-    data = env.from_source(kafka_source(settings, settings.data_topic, settings.group_id,
-                                        data_offsets(settings)),
-                           WatermarkStrategy.no_watermarks(), "data: " + settings.data_topic
-                           ).uid(f"{job}-data-source")
-    models = env.from_source(kafka_source(settings, settings.models_topic,
-                                          settings.group_id + "-models",
-                                          KafkaOffsetsInitializer.earliest()),
-                             WatermarkStrategy.no_watermarks(), "models: " + settings.models_topic
-                             ).uid(f"{job}-models-source")
-    results, dead_letters = build(data, models, settings)
-    results.sink_to(kafka_sink(settings, settings.results_topic, "results")) \
+    """Kafka in, ``build``, Kafka out."""
+    t_env = StreamTableEnvironment.create(env)
+    result_batches, dead_letters = build(record_batches(t_env, settings, job),
+                                         model_messages(t_env, settings, job), settings)
+    flattened(t_env, result_batches) \
+        .sink_to(kafka_sink(settings, settings.results_topic, "results")) \
         .name("results: " + settings.results_topic).uid(f"{job}-results-sink")
     dead_letters.sink_to(kafka_sink(settings, settings.dead_letter_topic, "dead-letters")) \
         .name("dead letters: " + settings.dead_letter_topic).uid(f"{job}-dead-letters-sink")

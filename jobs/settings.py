@@ -81,19 +81,21 @@ class Settings:
         64 * 1024, "a dead letter keeps at most this many bytes of its raw input (with the "
         "input's whole size and SHA-256), so any input's dead letter fits the topic")
     max_record_bytes: int = _setting(
-        1024 * 1024, "largest record accepted; a bigger one is dead-lettered on arrival, before "
-        "it waits for its micro-batch in Flink state (where a checkpoint would carry it)")
+        1024 * 1024, "largest record accepted; a bigger one is dead-lettered (\"record too "
+        "large\") instead of scored")
     max_result_bytes: int = _setting(
         1024 * 1024, "largest serialized ServingResult; a bigger one (a model with a huge "
         "output) becomes a dead letter \"result too large (N bytes > limit)\" instead")
     spread_keys: int = _setting(
         1, "broadcast job: spreading keys per parallel instance (chosen so Flink routes them "
-        "evenly); micro-batches are per key, so more keys mean smaller batches")
+        "evenly); record batches are spread over the instances by these keys")
     batch_max_size: int = _setting(
         64, "micro-batching: score at most this many records of one model in one call; 1 scores "
-        "each record on its own")
+        "each record on its own (results are the same either way)")
     batch_max_wait_ms: int = _setting(
-        5, "micro-batching: longest a record waits for its batch to fill (processing-time timer)")
+        5, "micro-batching: records that arrive within this many milliseconds on one Kafka "
+        "partition enter Python as one batch (a processing-time window on Flink's JVM side; "
+        "0 counts as 1)")
     python_execution_mode: str = _setting(
         "process", "where the Python functions run: process (a Python worker beside the JVM, "
         "records cross in bundles) or thread (embedded in the TaskManager JVM)",

@@ -1,6 +1,6 @@
-"""The pass-through job: the serving jobs' Kafka source, sink, settings and one Python
-crossing per record, with parsing and serializing but no model. What Flink plus Kafka cost
-before any scoring; the benchmark's yardstick for the jobs.
+"""The pass-through job: the serving jobs' Kafka source, batches, sink and settings, and one
+Python crossing per batch, with parsing and serializing but no model. What Flink plus Kafka
+cost before any scoring; the benchmark's yardstick for the jobs.
 
     python -m modelserving.bench.passthrough_job --bootstrap-servers host:9092 --data-topic d --results-topic r
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from pyflink.common import WatermarkStrategy
+from pyflink.common import Row
+from pyflink.table import StreamTableEnvironment
 
-from jobs.pipeline import create_environment, data_offsets, kafka_sink, kafka_source, log
+from jobs.pipeline import create_environment, flattened, kafka_sink, log, record_batches
 from jobs.settings import Settings
 from protos import ServingResult
 from udfs.errors import RecordError
-from udfs.flink.joins import BYTES
+from udfs.flink.batches import RESULT_BATCH
 from udfs.records import parse_record
 from udfs.serving import now_ms
 
@@ -33,8 +34,13 @@ def pass_through(raw: bytes) -> bytes:
                          servedMs=now_ms()).SerializeToString()
 
 
-def build_pipeline(data, settings: Settings):
-    return data.map(pass_through, output_type=BYTES).name("parse and re-serialize").uid("pass-through")
+def pass_through_batch(batch) -> Row:
+    return Row([pass_through(raw) for raw in batch[2]])
+
+
+def build_pipeline(batches, settings: Settings):
+    return batches.map(pass_through_batch, output_type=RESULT_BATCH) \
+        .name("parse and re-serialize").uid("pass-through")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,11 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level)
     log.info("starting %s with settings %s", settings.job_name, settings.describe())
     env = create_environment(settings)
-    data = env.from_source(kafka_source(settings, settings.data_topic, settings.group_id,
-                                        data_offsets(settings)),
-                           WatermarkStrategy.no_watermarks(), "data: " + settings.data_topic
-                           ).uid("pass-through-data-source")
-    build_pipeline(data, settings).sink_to(kafka_sink(settings, settings.results_topic, "results")) \
+    t_env = StreamTableEnvironment.create(env)
+    batches = record_batches(t_env, settings, JOB)
+    flattened(t_env, build_pipeline(batches, settings)) \
+        .sink_to(kafka_sink(settings, settings.results_topic, "results")) \
         .name("results: " + settings.results_topic).uid("pass-through-results-sink")
     env.execute(settings.job_name)
 

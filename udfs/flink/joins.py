@@ -6,8 +6,9 @@ Two joins share everything but where the current model lives:
 - broadcast: every model goes to every parallel instance and lives in broadcast state
   (a map data type -> descriptor); records are spread over all instances.
 Both keep descriptor bytes in state (never live model objects) plus a short model id, and
-a transient per-subtask cache of loaded models. Keys, metrics, micro-batching and the
-statistics producer have modules of their own next to this one.
+a transient per-subtask cache of loaded models. Records arrive in batches formed on Flink's
+JVM side (``udfs.flink.batches``) and each batch is answered with one batch of results; keys,
+metrics and the statistics producer have modules of their own next to this one.
 
 State names and the output tag are part of savepoints and of the jobs' wiring: renaming
 one makes a savepoint unreadable.
@@ -16,43 +17,43 @@ No record and no model can restart the job: whatever the project's own code rais
 serving a batch or handling a model (anything but the RecordError/ModelError that bad input
 raises) becomes an INTERNAL_ERROR dead letter, is counted in ``internal_errors`` and logged
 with its stack trace (at most once a minute per kind of failure). A failure the input
-survives (statistics, metrics, batching and flushing) is counted and logged the same way,
-and the record is still served. Every path a record or a model takes through a join catches
-what it raises: parsing, scoring, building and serializing results, metrics, statistics and
-their publishing, batching and its timers, building and installing models (a model that
-fails to install leaves the state, and so the previous model, in place). What arrives under
-a failure key (the keyed job's key selector failed, see ``udfs.flink.keys``) is
-dead-lettered. Behind all of these, every entry point Flink calls (``process_element*``,
-``on_timer``) goes through ``last_line``, which stops whatever a path would still let through.
+survives (statistics, metrics) is counted and logged the same way, and the record is still
+served. Every path a record or a model takes through a join catches what it raises: parsing,
+scoring, building and serializing results, metrics, statistics and their publishing, its
+timer, building and installing models (a model that fails to install leaves the state, and
+so the previous model, in place). What arrives under a failure key (the keyed job's split or
+key selector failed, see ``udfs.flink.keys``) is dead-lettered. Behind all of these, every
+entry point Flink calls (``process_element*``, ``on_timer``) goes through ``last_line``,
+which stops whatever a path would still let through.
+
+Every dead letter names its input's Kafka partition and offset (``sourcePartition``,
+``sourceOffset``), which arrive with the batch or the model.
 """
 from __future__ import annotations
 
 import logging
 
-from pyflink.common import Types
+from pyflink.common import Row, Types
 from pyflink.datastream import (
     KeyedBroadcastProcessFunction,
     KeyedCoProcessFunction,
     OutputTag,
     RuntimeContext,
 )
-from pyflink.datastream import TimeDomain
-from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
+from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
-from protos import ModelStats
+from protos import DeadLetter, ModelStats
 from udfs import statistics
 from udfs.errors import ModelError
 from udfs.failures import FailureLog
-from udfs.flink.batching import MicroBatcher
-from udfs.flink.keys import ModelDataType, RecordDataType, key_failure, subtask_index
+from udfs.flink.batches import BYTES, by_data_type, chunks, positions
+from udfs.flink.keys import ModelDataType, key_failure, subtask_index
 from udfs.flink.metrics import ServingMetrics
 from udfs.flink.publishing import StatsPublisher
-from udfs.records import record_data_type
 from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal
 
 log = logging.getLogger("modelserving")
 
-BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
 
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
@@ -60,18 +61,18 @@ MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTE
 MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
 #: Keyed state of both joins: data type -> ModelStats bytes (the key's share of the statistics).
 MODEL_STATS = "model-stats"
-#: Keyed state of both joins when micro-batching: records received, not yet scored. They are
-#: in Flink state (not a Python list) so a checkpoint taken while they wait still holds them.
-PENDING_RECORDS = "pending-records"
 #: Keyed state of both joins: processing time of the next statistics publication.
 STATS_TIMER = "stats-timer"
+#: Where a batch under a failure key failed (its split by data type or its key selector).
+KEYING_A_BATCH = "splitting or keying a batch"
 #: Keyed state of the keyed join: the current model's id and descriptor bytes.
 MODEL_ID = "model-id"
 MODEL_DESCRIPTOR = "model-descriptor"
 
 
 class ServingJoin:
-    """What both joins do with a record and with a model, whatever their state looks like."""
+    """What both joins do with a batch of records and with a model, whatever their state
+    looks like."""
 
     def __init__(self, settings, stats_producer: dict):
         """``stats_producer``: kafka-python ``KafkaProducer`` arguments for the statistics,
@@ -98,38 +99,36 @@ class ServingJoin:
                                   max_record_bytes=self.settings.max_record_bytes,
                                   failures=self.failures)
         self.metrics = ServingMetrics(runtime_context, self.failures)
-        self.batcher: MicroBatcher | None = None
-        if self.settings.batch_max_size > 1:
-            pending = runtime_context.get_list_state(ListStateDescriptor(PENDING_RECORDS, BYTES))
-            self.batcher = MicroBatcher(pending, self.settings.batch_max_size,
-                                        self.settings.batch_max_wait_ms)
 
     def close(self):
         if self.server is not None:
             self.server.close()
             self.publisher.close()
 
-    def last_line(self, outputs, raw: bytes | None = None, model: bool = False, report: bool = True):
-        """Yield ``outputs``, the outputs of one element (or timer). Every path under it
+    def last_line(self, outputs, batch=None, model=None, report: bool = True):
+        """Yield ``outputs``, the outputs of one batch, model or timer. Every path under it
         catches what it raises; should an exception escape all the same (a path added later
         without its guard), this is where it stops before Flink: logged and counted, and the
-        record or model dead-lettered (at worst answered twice, never a restart of the job)."""
+        batch's records or the model dead-lettered (at worst answered twice, never a restart
+        of the job)."""
         try:
             yield from outputs
         except Exception as exc:
-            if raw is None:
-                self.survived("handling a timer", exc)
-            elif model:
-                letter = self.model_failed(raw, exc, "handling a model", report)
+            if model is not None:
+                letter = self.model_failed(model, exc, "handling a model", report)
                 if letter is not None:
                     yield DEAD_LETTERS, letter
+            elif batch is not None:
+                partition, offsets, records = batch
+                yield from self.answer([self.server.internal_error(raw, exc, "handling a batch")
+                                        for raw in records], positions(partition, offsets))
             else:
-                yield from self.answer([self.server.internal_error(raw, exc, "handling a record")])
+                self.survived("handling a timer", exc)
 
     def survived(self, where: str, exc: Exception, data_type: str = "") -> None:
-        """A failure of our own code that serving goes on after (statistics, metrics,
-        batching): logged (rate-limited, with its stack trace), counted in
-        ``internal_errors``. Never raises."""
+        """A failure of our own code that serving goes on after (statistics, metrics):
+        logged (rate-limited, with its stack trace), counted in ``internal_errors``. Never
+        raises."""
         self.failures.failed(where, exc)
         self.metrics.internal_error(data_type if isinstance(data_type, str) else "")
 
@@ -139,90 +138,46 @@ class ServingJoin:
         """(model id, descriptor loader) of ``data_type`` as the join's state has them."""
         raise NotImplementedError
 
-    def data_type_in(self, key, raw: bytes) -> str:
-        """Data type of a pending record of ``key``."""
+    def data_types(self, key, records) -> dict[str, list[int]]:
+        """Indexes of ``records`` per data type, in arrival order."""
         raise NotImplementedError
 
     def part_of(self, key) -> int:
         raise NotImplementedError
 
-    def on_record(self, ctx, key, raw: bytes):
-        """Score the record now (batching off), or add it to the key's pending batch, which is
-        scored when it is full, when its wait is over, or before a model change (keyed).
-        A record under a failure key (its key selector failed) is dead-lettered."""
+    def on_batch(self, ctx, key, partition: int, offsets, records):
+        """Answer a batch: results (one batch) in the records' order, dead letters one by
+        one. Records too large are dead-lettered unread; the others are scored per data type
+        in pieces of at most ``batch_max_size``. A batch under a failure key (its split or key
+        selector failed) is dead-lettered."""
+        where = positions(partition, offsets)
         failure = key_failure(key)
         if failure is not None:
-            letter = self.server.relayed_internal_error(raw, RecordDataType.where, failure)
-            yield from self.answer([Outcome(INTERNAL_ERROR, letter, "")])
+            yield from self.answer([Outcome(INTERNAL_ERROR, self.server.relayed_internal_error(
+                raw, KEYING_A_BATCH, failure), "") for raw in records], where)
             return
-        oversized = self.server.oversized(raw)
-        if oversized is not None:
-            yield from self.answer([oversized])
-            return
-        if self.batcher is None:
-            yield from self.serve_pending(ctx, key, [raw])
-            return
-        try:
-            raws = self.batcher.add(key, raw, ctx.timer_service())
-        except Exception as exc:
-            # score what is pending now, this record included: never lost (at worst, when
-            # even taking the batch fails, answered twice)
-            raws = self.taken_after_failure(key, "batching a record", exc)
-            if not any(pending is raw for pending in raws):
-                raws = raws + [raw]
-        yield from self.serve_pending(ctx, key, raws)
-
-    def flush(self, ctx, key):
-        """Score everything pending for ``key``."""
-        if self.batcher is not None:
-            try:
-                raws = self.batcher.take(key)
-            except Exception as exc:   # they stay pending, for the next flush
-                self.survived("flushing a batch before a model change", exc)
-                return
-            yield from self.serve_pending(ctx, key, raws)
-
-    def taken_after_failure(self, key, where: str, exc: Exception) -> list[bytes]:
-        """Taking a batch of ``key`` failed with ``exc``: everything pending for ``key``, taken
-        the plain way, with a new flush timer for the next record; [] when that fails too
-        (the records stay pending, for the next flush or the end of the input)."""
-        self.survived(where, exc)
-        try:
-            self.batcher.forget_timer(key)
-            return self.batcher.take(key)
-        except Exception as again:
-            self.survived(where, again)
-            return []
-
-    def serve_pending(self, ctx, key, raws: list[bytes]):
-        """Score records of ``key``: one batch per data type, in arrival order. Never raises:
-        a record whose data type cannot be read is an internal error of that record."""
-        if not raws:
-            return
+        outcomes: list[Outcome | None] = [self.server.oversized(raw) for raw in records]
+        servable = [raw if outcome is None else b"" for raw, outcome in zip(records, outcomes)]
         part = self.part_of(key)
-        typed = []
-        for raw in raws:
-            try:
-                typed.append((self.data_type_in(key, raw), raw))
-            except Exception as exc:
-                yield from self.answer([self.server.internal_error(raw, exc, "reading the data "
-                                                                   "type of a record")])
-        for data_type, pairs in self.batches(typed):
-            yield from self.serve_batch(ctx, data_type, part, [raw for _, raw in pairs])
-
-    def batches(self, typed: list[tuple[str, bytes]]) -> list[tuple[str, list]]:
-        """(data type, [(data type, raw)]) batches of ``typed``; one record a batch when
-        forming batches fails."""
         try:
-            if self.batcher is not None:
-                return list(self.batcher.batches(typed, lambda pair: pair[0]))
+            groups = self.data_types(key, servable)
         except Exception as exc:
-            self.survived("forming batches", exc)
-        return [(data_type, [(data_type, raw)]) for data_type, raw in typed]
+            groups = {}
+            for index, raw in enumerate(records):
+                if outcomes[index] is None:
+                    outcomes[index] = self.server.internal_error(
+                        raw, exc, "reading the data type of a record")
+        for data_type, indexes in groups.items():
+            indexes = [index for index in indexes if outcomes[index] is None]
+            for piece in chunks(indexes, self.settings.batch_max_size):
+                for index, outcome in zip(piece, self.serve_batch(
+                        ctx, data_type, part, [records[index] for index in piece])):
+                    outcomes[index] = outcome
+        yield from self.answer(outcomes, where)
 
-    def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]):
-        """Yield the records' results, and dead letters on the side output; keep statistics.
-        Never raises: records the job's own code fails on become INTERNAL_ERROR dead letters."""
+    def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]) -> list[Outcome]:
+        """The records' outcomes, in order; keeps statistics. Never raises: records the job's
+        own code fails on become INTERNAL_ERROR dead letters."""
         model, error = None, None
         try:
             if data_type:
@@ -235,22 +190,36 @@ class ServingJoin:
         except Exception as exc:   # ModelServer.serve never raises; the lookup might
             outcomes = [self.server.internal_error(raw, exc, "serving a batch", data_type, model)
                         for raw in raws]
-        yield from self.answer(outcomes)
         if data_type:
             try:
                 self.metrics.for_type(data_type).model = model
             except Exception as exc:
                 self.survived("updating the metrics", exc, data_type)
             self.track(ctx, data_type, part, model, outcomes)
+        return outcomes
 
-    def answer(self, outcomes: list[Outcome]):
-        """Count ``outcomes`` and yield them: results, and dead letters on the side output."""
+    def answer(self, outcomes: list[Outcome], where: list[tuple[int, int]]):
+        """Count ``outcomes`` and yield them: one batch of results, and dead letters on the
+        side output, each stamped with its input's position."""
         self.metrics.count(outcomes)
-        for outcome in outcomes:
+        results = []
+        for outcome, (partition, offset) in zip(outcomes, where):
             if outcome.is_dead_letter:
-                yield DEAD_LETTERS, outcome.payload
+                yield DEAD_LETTERS, self.positioned(outcome.payload, partition, offset)
             else:
-                yield outcome.payload
+                results.append(outcome.payload)
+        if results:
+            yield Row(results)
+
+    def positioned(self, letter: bytes, partition: int, offset: int) -> bytes:
+        """A dead letter with its input's Kafka position; as it was when that fails."""
+        try:
+            stamped = DeadLetter.FromString(letter)
+            stamped.sourcePartition, stamped.sourceOffset = partition, offset
+            return stamped.SerializeToString()
+        except Exception as exc:
+            self.survived("stamping a dead letter's position", exc)
+            return letter
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -292,24 +261,7 @@ class ServingJoin:
         yield from self.last_line(self.timer(timestamp, ctx))
 
     def timer(self, timestamp, ctx):
-        """Flush the key's batch when its wait is over, or at the end of a bounded input;
-        publish the statistics when they are due. Never raises: when flushing fails, what is
-        pending is taken the plain way and scored (flushing early is harmless)."""
-        key = ctx.get_current_key()
-        if ctx.time_domain() == TimeDomain.EVENT_TIME:      # the end of a bounded input
-            if self.batcher is not None:
-                try:
-                    raws = self.batcher.on_end_of_input(key)
-                except Exception as exc:
-                    raws = self.taken_after_failure(key, "flushing a batch at the end of input", exc)
-                yield from self.serve_pending(ctx, key, raws)
-            return
-        if self.batcher is not None:
-            try:
-                raws = self.batcher.on_processing_timer(key, timestamp)
-            except Exception as exc:
-                raws = self.taken_after_failure(key, "flushing a batch", exc)
-            yield from self.serve_pending(ctx, key, raws)
+        """Publish the statistics when they are due. Never raises."""
         try:
             stats_due = self.stats_timer.value()
             if stats_due is not None and stats_due <= timestamp:
@@ -318,6 +270,7 @@ class ServingJoin:
                     self.publish(ModelStats.FromString(raw))
         except Exception as exc:
             self.survived("publishing statistics", exc)
+        return ()
 
     # -- models -------------------------------------------------------------------------
 
@@ -347,6 +300,16 @@ class ServingJoin:
         self.failures.failed(where, exc)
         return None
 
+    def on_message(self, message, ctx, report: bool = True):
+        """Handle one models-topic message (partition, offset, descriptor bytes): its outputs
+        are dead letters only, each stamped with the message's position."""
+        partition, offset, raw = message[0], message[1], message[2]
+        for tag, letter in self.last_line(self.on_model(raw, ctx), model=raw, report=report):
+            yield tag, self.positioned(letter, partition, offset)
+
+    def on_model(self, raw: bytes, ctx):
+        raise NotImplementedError
+
     def installed(self, data_type: str, model: LoadedModel | Withdrawal) -> None:
         """Swap the cache after the state was updated, and say so. Raises only when the swap
         fails (the caller restores the state); the metrics and the log line cannot fail it."""
@@ -374,7 +337,8 @@ def _data_type_of(stats) -> str:
 
 
 class KeyedServing(ServingJoin, KeyedCoProcessFunction):
-    """Input 1: record bytes, input 2: descriptor bytes, both keyed by data type."""
+    """Input 1: batches of records of one data type (``DATA_TYPE_BATCH``), input 2: models
+    topic messages (``MODEL_MESSAGE``), both keyed by data type."""
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
@@ -384,17 +348,19 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
     def model_lookup(self, ctx, data_type):
         return self.model_id.value(), self.descriptor.value
 
-    def data_type_in(self, key, raw):
-        return key
+    def data_types(self, key, records):
+        return {key: list(range(len(records)))}
 
     def part_of(self, key):
         return statistics.KEYED_PART
 
-    def process_element1(self, raw, ctx):
-        yield from self.last_line(self.on_record(ctx, ctx.get_current_key(), raw), raw)
+    def process_element1(self, batch, ctx):
+        partition, offsets, records = batch[1], batch[2], batch[3]
+        yield from self.last_line(self.on_batch(ctx, ctx.get_current_key(), partition, offsets,
+                                                records), (partition, offsets, records))
 
-    def process_element2(self, raw, ctx):
-        yield from self.last_line(self.on_model(raw, ctx), raw, model=True)
+    def process_element2(self, message, ctx):
+        yield from self.on_message(message, ctx)
 
     def on_model(self, raw, ctx):
         """Install a model (or withdrawal) of the current key, or dead-letter it."""
@@ -405,8 +371,6 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             yield DEAD_LETTERS, self.server.relayed_internal_error(raw, ModelDataType.where,
                                                                    failure, model=True)
             return
-        # records that arrived before this model are scored by the model they arrived under
-        yield from self.flush(ctx, data_type)
         model, dead_letter = self.accept_model(raw)
         if model is None:
             yield DEAD_LETTERS, dead_letter
@@ -446,12 +410,11 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
 
 
 class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
-    """Input: record bytes keyed by a spreading key; broadcast input: descriptor bytes.
+    """Input: record batches (``RECORD_BATCH``) keyed by a spreading key; broadcast input:
+    models topic messages (``MODEL_MESSAGE``).
 
     Every instance loads every model; only instance 0 reports a bad model, so one bad model
-    makes one dead letter whatever the parallelism. A broadcast element has no current key,
-    so records pending in a micro-batch when a model changes are scored by the new model
-    (they arrived at most ``batch_max_wait_ms`` earlier; the two inputs have no order anyway)."""
+    makes one dead letter whatever the parallelism."""
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
@@ -462,17 +425,19 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
         return model_id, lambda: descriptors.get(data_type)
 
-    def data_type_in(self, key, raw):
-        return record_data_type(raw)
+    def data_types(self, key, records):
+        return by_data_type(records)
 
     def part_of(self, key):
         return key
 
-    def process_element(self, raw, ctx):
-        yield from self.last_line(self.on_record(ctx, ctx.get_current_key(), raw), raw)
+    def process_element(self, batch, ctx):
+        partition, offsets, records = batch[0], batch[1], batch[2]
+        yield from self.last_line(self.on_batch(ctx, ctx.get_current_key(), partition, offsets,
+                                                records), (partition, offsets, records))
 
-    def process_broadcast_element(self, raw, ctx):
-        yield from self.last_line(self.on_model(raw, ctx), raw, model=True, report=self.subtask == 0)
+    def process_broadcast_element(self, message, ctx):
+        yield from self.on_message(message, ctx, report=self.subtask == 0)
 
     def on_model(self, raw, ctx):
         """Install a model (or withdrawal) on this instance; instance 0 dead-letters a bad one."""

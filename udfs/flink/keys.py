@@ -1,23 +1,24 @@
 """How the jobs key their streams, and which parallel instance a key reaches.
 
-The keyed job keys records and models by data type; the broadcast job keys records by a
-spreading key chosen with Flink's own key-group arithmetic, so every instance gets the same
-number of keys. The arithmetic is plain Python, testable on its own.
+The keyed job keys sub-batches of records (one data type each) and models by data type; the
+broadcast job keys record batches by a spreading key chosen with Flink's own key-group
+arithmetic, so every instance gets the same number of keys. The arithmetic is plain Python,
+testable on its own.
 
-Key selectors run in Python for every record and model, in an operator of their own before
-the shuffle, where nothing can be dead-lettered; an exception there would restart the job.
-So the jobs' selectors never raise: a failure of the project's own code is logged at ERROR
-with its stack trace (rate-limited, like every internal error), counted in
-``modelserving.internal_errors`` of the key-selection operator, and the input gets a
-fallback key:
+Key selectors (and the keyed job's split of a batch by data type) run in Python for every
+batch and model, in an operator of their own before the shuffle, where nothing can be
+dead-lettered; an exception there would restart the job. So they never raise: a failure of
+the project's own code is logged at ERROR with its stack trace (rate-limited, like every
+internal error), counted in ``modelserving.internal_errors`` of that operator, and the input
+gets a fallback key:
 
-- keyed job (records and models): the *failure key*, ``FAILED_KEY`` followed by the failure
+- keyed job (batches and models): the *failure key*, ``FAILED_KEY`` followed by the failure
   ("Type: message"). No data type starts with a NUL character. The join dead-letters
   whatever arrives under a failure key as INTERNAL_ERROR with that exception type (it cannot
   be served: its model lives under the data type the selector failed to read), and counts it
   in its ``internal_errors`` as any INTERNAL_ERROR dead letter;
-- broadcast job (records): the first spreading key. The spreading key only spreads the load,
-  so the record is served as usual, by whichever instance owns that key.
+- broadcast job (record batches): the first spreading key. The spreading key only spreads
+  the load, so the batch is served as usual, by whichever instance owns that key.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from pyflink.datastream.functions import KeySelector
 from udfs.errors import ModelError
 from udfs.failures import FailureLog, describe
 from udfs.models import parse_descriptor
-from udfs.records import record_data_type
 
 log = logging.getLogger("modelserving")
 
@@ -58,10 +58,10 @@ def model_data_type(raw: bytes) -> str:
         return ""
 
 
-def spread_key(raw: bytes, keys: tuple[int, ...]) -> int:
-    """Spreads the records of one data type over every parallel instance; a hash of the
-    bytes keeps a record's key stable across restarts."""
-    return keys[zlib.crc32(raw) % len(keys)]
+def spread_key(partition: int, first_offset: int, keys: tuple[int, ...]) -> int:
+    """Spreads the batches of one partition over every parallel instance: consecutive batches
+    start at unrelated offsets, and a batch keeps its key when it is read again."""
+    return keys[zlib.crc32(b"%d:%d" % (partition, first_offset)) % len(keys)]
 
 
 def _rotate_left(value: int, bits: int) -> int:
@@ -89,8 +89,7 @@ def key_group_of(key: int, max_parallelism: int) -> int:
 
 def balanced_spread_keys(parallelism: int, per_instance: int, max_parallelism: int = 128) -> tuple[int, ...]:
     """Spreading keys that Flink routes evenly: ``per_instance`` keys for every parallel
-    instance. Few keys mean full micro-batches (a batch is per key); keys picked blindly
-    could leave an instance with none."""
+    instance; keys picked blindly could leave an instance with none."""
     wanted = {index: [] for index in range(parallelism)}
     key = 0
     while any(len(keys) < per_instance for keys in wanted.values()):
@@ -113,9 +112,10 @@ def key_failure(key) -> str | None:
     return None
 
 
-class GuardedKey(KeySelector):
-    """A key selector that never raises: ``select`` reads the key; when it raises, the
-    failure is logged (rate-limited) and counted, and ``fallback`` gives the key."""
+class Guarded:
+    """A Python operator before the shuffle that never raises: a failure of ours is logged
+    (rate-limited) and counted in the operator's ``modelserving.internal_errors``, and
+    ``fallback`` gives the output instead."""
 
     where = "selecting a key"
 
@@ -128,7 +128,7 @@ class GuardedKey(KeySelector):
             runtime_context.get_metrics_group().add_group("modelserving").gauge(
                 "internal_errors", lambda: self.internal_errors)
         except Exception as exc:   # a missing metric must not stop the job either
-            self.failures.failed("registering the key selector's metric", exc)
+            self.failures.failed("registering the operator's metric", exc)
 
     @property
     def failures(self) -> FailureLog:
@@ -136,55 +136,64 @@ class GuardedKey(KeySelector):
             self._failures = FailureLog(log)
         return self._failures
 
-    def get_key(self, value):
+    def guarded(self, value):
         try:
             return self.select(value)
         except Exception as exc:
             self.internal_errors += 1
             self.failures.failed(self.where, exc)
-            return self.fallback(exc)
+            return self.fallback(value, exc)
 
     def select(self, value):
         raise NotImplementedError
 
-    def fallback(self, exc: Exception):
+    def fallback(self, value, exc: Exception):
         raise NotImplementedError
+
+
+class GuardedKey(Guarded, KeySelector):
+    def get_key(self, value):
+        return self.guarded(value)
 
 
 class DataTypeKey(GuardedKey):
     """The keyed job's keys: a data type ("" when there is none or it does not parse: the
     join dead-letters such input); the failure key when reading it fails."""
 
-    def fallback(self, exc):
+    def fallback(self, value, exc):
         return failure_key(exc)
 
 
-class RecordDataType(DataTypeKey):
-    where = "selecting the key of a record"
+class BatchDataType(DataTypeKey):
+    """Key of a sub-batch of records (``udfs.flink.batches.DATA_TYPE_BATCH``)."""
 
-    def select(self, raw):
-        return record_data_type(raw)
+    where = "selecting the key of a batch"
+
+    def select(self, batch):
+        return batch[0]
 
 
 class ModelDataType(DataTypeKey):
+    """Key of a models-topic message (``udfs.flink.batches.MODEL_MESSAGE``)."""
+
     where = "selecting the key of a model"
 
-    def select(self, raw):
-        return model_data_type(raw)
+    def select(self, message):
+        return model_data_type(message[2])
 
 
 class SpreadKey(GuardedKey):
-    """The broadcast job's key of a record: one of ``keys`` by a hash of its bytes (see
-    ``spread_key``); the first of them when that fails."""
+    """The broadcast job's key of a record batch: one of ``keys`` by its partition and first
+    offset (see ``spread_key``); the first of them when that fails."""
 
-    where = "selecting the spreading key of a record"
+    where = "selecting the spreading key of a batch"
 
     def __init__(self, keys: tuple[int, ...]):
         super().__init__()
         self.keys = tuple(keys)
 
-    def select(self, raw):
-        return spread_key(raw, self.keys)
+    def select(self, batch):
+        return spread_key(batch[0], batch[1][0], self.keys)
 
-    def fallback(self, exc):
+    def fallback(self, value, exc):
         return self.keys[0]
