@@ -45,8 +45,10 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2"],
-                    # modelserving bench: plots, and profiles of the Python worker
-                    "bench": ["matplotlib>=3.8", "py-spy>=0.3", "confluent-kafka>=2.3"]},
+                    # modelserving bench: plots, profiles of the Python worker, the bytewax peer
+                    # (Quix Streams pins an older confluent-kafka: .venv-peers, made by ./dev)
+                    "bench": ["matplotlib>=3.8", "py-spy>=0.3", "confluent-kafka>=2.3",
+                              "bytewax[kafka]>=0.21,<0.22"]},
     entry_points={
         "console_scripts": ["modelserving=modelserving.cli:main"],
         # command groups of `modelserving` that live outside the CLI package register here

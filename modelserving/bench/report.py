@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from modelserving.bench import IN_PROCESS, JOBS, MODEL_TYPES, PASS_THROUGH, PLAIN_LOOP
+from modelserving.bench import (BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P, IN_PROCESS, JOBS, MODEL_TYPES,
+                                PASS_THROUGH, PEERS, PLAIN_LOOP, QUIX)
 
 NO_MODEL = "NONE"
 #: Table order: the jobs, then what they are compared with.
-SYSTEMS = (*JOBS, PLAIN_LOOP, IN_PROCESS, PASS_THROUGH)
+SYSTEMS = (*JOBS, *PEERS, IN_PROCESS, PASS_THROUGH)
+#: Systems drawn as bars (the pass-through job is a line: it scores nothing).
+BAR_SYSTEMS = (*JOBS, *PEERS, IN_PROCESS)
 # Formats the throughput and latency targets are promised for (PMML is too slow per record to count).
 TARGET_MODEL_TYPES = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW")
 SWITCH_MODEL_TYPES = ("ONNX", "PMML")
@@ -25,24 +28,26 @@ AT_LEAST = "≥"
 
 # Fixed colours so a system looks the same in every plot.
 SYSTEM_COLOURS = {"keyed": "#1f77b4", "broadcast": "#ff7f0e", PLAIN_LOOP: "#2ca02c",
-                  IN_PROCESS: "#d62728", PASS_THROUGH: "#7f7f7f"}
+                  QUIX: "#9467bd", BYTEWAX: "#8c564b", CONFLUENT_LOOP: "#e377c2",
+                  CONFLUENT_LOOP_2P: "#bcbd22", IN_PROCESS: "#d62728", PASS_THROUGH: "#7f7f7f"}
 PERCENTILE_COLOURS = {"p50_ms": "#9ecae1", "p95_ms": "#4292c6", "p99_ms": "#08519c"}
 FIGURE_SIZE = (10, 5)
 DPI = 110
 
 
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
-    """Writes results.json, results.md and the three plots into out_dir; returns their paths by role."""
+    """Writes results.json, results.md and the four plots into out_dir; returns their paths by role."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
              "throughput_plot": out_dir / "throughput.png", "latency_plot": out_dir / "latency.png",
-             "switch_plot": out_dir / "model_switch.png"}
+             "switch_plot": out_dir / "model_switch.png", "cpu_plot": out_dir / "cpu.png"}
     paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(markdown(results), encoding="utf-8")
     plot_throughput(results, paths["throughput_plot"])
     plot_latency(results, paths["latency_plot"])
     plot_model_switch(results, paths["switch_plot"])
+    plot_cpu(results, paths["cpu_plot"])
     return paths
 
 
@@ -200,6 +205,10 @@ def _ms(value) -> str:
 _ms_whole = _rate
 
 
+def _cores(value) -> str:
+    return _formatted(value, ".2f")
+
+
 def _times(value) -> str:
     return _formatted(value, ".2f", "x")
 
@@ -266,7 +275,7 @@ def markdown(results: dict) -> str:
     if profiles:
         lines += ["", *_profiles_section(profiles)]
     lines += ["", "## Plots", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
-              "![model switch](model_switch.png)", ""]
+              "![CPU per record](cpu.png)", "", "![model switch](model_switch.png)", ""]
     return "\n".join(lines)
 
 
@@ -280,7 +289,8 @@ def _throughput_section(results: dict) -> list[str]:
             if entry.get("limited_by") and rate != DASH:
                 rate, lower_bounds = f"{AT_LEAST} {rate}", True
             rows.append((model_type, system, rate, _ms(entry.get("p50_ms")), _ms(entry.get("p95_ms")),
-                         _ms(entry.get("p99_ms")), _rate(entry.get("latency_rate_rps"))))
+                         _ms(entry.get("p99_ms")), _rate(entry.get("latency_rate_rps")),
+                         _ms(entry.get("cpu_us_per_record")), _cores(entry.get("cpu_cores"))))
             if entry.get("note"):
                 notes.append(f"- {system}, {model_type}: {_cell(entry['note'])}")
             if entry.get("limited_by"):
@@ -288,9 +298,11 @@ def _throughput_section(results: dict) -> list[str]:
                              "so the rate is a lower bound")
     lines = ["## Throughput and latency", "",
              "The highest rate each system sustained, and its latency when fed at about half that rate "
-             "(the \"at rate\" column).", ""]
+             "(the \"at rate\" column). CPU: what the system's processes (a job's JVM and Python workers, "
+             "a peer's processes) used during its sustained trial, per record answered, and as cores busy "
+             "on average; the load generator, the collector and the broker are not counted.", ""]
     lines += _table(("model type", "system", "highest sustainable rate (records/s)", "p50 ms", "p95 ms",
-                     "p99 ms", "at rate (records/s)"), rows, numeric=range(2, 7))
+                     "p99 ms", "at rate (records/s)", "CPU µs/record", "CPU cores"), rows, numeric=range(2, 9))
     if lower_bounds:
         lines += ["", f"{AT_LEAST}: the input generator, not the system, was the bottleneck."]
     if notes:
@@ -390,48 +402,77 @@ def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} measured", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
-def plot_throughput(results: dict, path: Path) -> Path:
-    """Grouped bars per model type, with the pass-through job as the ceiling a scoring job can reach."""
-    plt = _pyplot()
+def _bars(ax, results: dict, field: str, hatch_lower_bounds: bool, text) -> tuple[list[str], list[float]]:
+    """One group of bars per model type, one bar per system (pass-through excluded), each
+    labelled with ``text(value)``; returns the model types (the x axis) and the values drawn."""
     model_types = _in_order(_model_types(results), MODEL_TYPES) or list(MODEL_TYPES)
     systems = _in_order([entry.get("system") for entry in _entries(results)
-                         if entry.get("system") and entry.get("system") != PASS_THROUGH],
-                        (*JOBS, PLAIN_LOOP, IN_PROCESS))
-    pass_through_rate = _figure(_pass_through(results), "throughput_rps")
-    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+                         if entry.get("system") and entry.get("system") != PASS_THROUGH], BAR_SYSTEMS)
     width = 0.8 / max(len(systems), 1)
     plotted, labelled = [], set()
     for index, system in enumerate(systems):
         for position, model_type in enumerate(model_types):
             entry = _entry(results, system, model_type)
-            rate = _figure(entry, "throughput_rps")
-            if rate is None or rate <= 0:
+            value = _figure(entry, field)
+            if value is None or value <= 0:
                 continue
-            lower_bound = bool(entry.get("limited_by"))
+            lower_bound = hatch_lower_bounds and bool(entry.get("limited_by"))
             x = position - 0.4 + width * (index + 0.5)
-            ax.bar(x, rate, width, color=SYSTEM_COLOURS.get(system, f"C{index + 4}"),
+            ax.bar(x, value, width, color=SYSTEM_COLOURS.get(system, f"C{index + 4}"),
                    hatch="//" if lower_bound else None, edgecolor="white" if lower_bound else None,
                    label=None if system in labelled else system)
             labelled.add(system)
-            ax.text(x, rate, (AT_LEAST if lower_bound else "") + _compact(rate), ha="center", va="bottom",
+            ax.text(x, value, (AT_LEAST if lower_bound else "") + text(value), ha="center", va="bottom",
                     fontsize=7)
-            plotted.append(rate)
+            plotted.append(value)
+    return model_types, plotted
+
+
+def _bar_axes(ax, model_types: list[str], plotted: list[float], what: str, unit: str, title: str) -> None:
+    if plotted and max(plotted) / min(plotted) > 50:
+        ax.set_yscale("log")
+    if not plotted:
+        _no_data(ax, what)
+    ax.set_xticks(range(len(model_types)), model_types)
+    ax.set_xlim(-0.5, len(model_types) - 0.5)
+    ax.set_xlabel("model type")
+    ax.set_ylabel(unit + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.set_title(title)
+
+
+def plot_throughput(results: dict, path: Path) -> Path:
+    """Grouped bars per model type, with the pass-through job as the ceiling a scoring job can reach."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    model_types, plotted = _bars(ax, results, "throughput_rps", True, _compact)
+    pass_through_rate = _figure(_pass_through(results), "throughput_rps")
     if pass_through_rate is not None and pass_through_rate > 0:
         ax.axhline(pass_through_rate, color=SYSTEM_COLOURS[PASS_THROUGH], linestyle="--",
                    label="pass-through (no scoring)")
         plotted.append(pass_through_rate)
-    if plotted and max(plotted) / min(plotted) > 50:
-        ax.set_yscale("log")
-    if not plotted:
-        _no_data(ax, "throughput")
-    ax.set_xticks(range(len(model_types)), model_types)
-    ax.set_xlim(-0.5, len(model_types) - 0.5)
-    ax.set_xlabel("model type")
-    ax.set_ylabel("records/s" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-    ax.set_title("Highest sustainable rate")
+    _bar_axes(ax, model_types, plotted, "throughput", "records/s", "Highest sustainable rate")
     if plotted:
         ax.legend(fontsize=8, title=f"{AT_LEAST} hatched: input-limited" if _any_lower_bound(results) else None,
                   title_fontsize=8)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def plot_cpu(results: dict, path: Path) -> Path:
+    """CPU per record of each system during its sustained trial (lower is better), with the
+    pass-through job's (no scoring) as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    model_types, plotted = _bars(ax, results, "cpu_us_per_record", False, lambda v: f"{v:,.0f}")
+    pass_through_cpu = _figure(_pass_through(results), "cpu_us_per_record")
+    if pass_through_cpu is not None and pass_through_cpu > 0:
+        ax.axhline(pass_through_cpu, color=SYSTEM_COLOURS[PASS_THROUGH], linestyle="--",
+                   label="pass-through (no scoring)")
+        plotted.append(pass_through_cpu)
+    _bar_axes(ax, model_types, plotted, "CPU", "CPU µs per record",
+              "CPU per record at the highest sustainable rate (lower is better)")
+    if plotted:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(plt, fig, path)
 
@@ -454,7 +495,7 @@ def plot_latency(results: dict, path: Path) -> Path:
         groups = []
         for system in _in_order([entry.get("system") for entry in _entries(results)
                                  if entry.get("model_type") == model_type and entry.get("system")
-                                 and entry.get("system") != PASS_THROUGH], (*JOBS, PLAIN_LOOP, IN_PROCESS)):
+                                 and entry.get("system") != PASS_THROUGH], BAR_SYSTEMS):
             entry = _entry(results, system, model_type)
             if any(_figure(entry, percentile) is not None for percentile in percentiles):
                 groups.append((system, entry))

@@ -1,13 +1,16 @@
 """``modelserving bench``: every system, every model format, one broker, one machine, one run.
 
-For each system (keyed job, broadcast job, plain loop, pass-through job) and model format:
+For each system (keyed job, broadcast job, the Python peers, pass-through job) and model format:
 1. a probe: records as fast as the producer sends them; the output rate estimates capacity;
 2. per run (median of ``runs``): the highest rate, from 90% of the estimate down in steps of
    25%, that the system sustains (all results back, output rate within 10% of the input
    rate, latency not growing); then latency percentiles at half of that rate;
 3. per job and format, model-switch latency: a new version published while records flow,
    to the first result scored by it (the result's broker time minus the publish time).
-In-process batched scoring of the same records, without Kafka, is the ceiling.
+The CPU each system used per record is its processes' CPU time (user + system, the whole
+process tree: a job's JVM and Python workers, a peer's processes) during the sustained
+trial, divided by the records it answered. In-process batched scoring of the same records,
+without Kafka, is the ceiling.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -29,14 +31,14 @@ from pathlib import Path
 
 from jobs import JOB_MODULES
 from jobs.settings import Settings
-from modelserving.bench import JOBS, PASS_THROUGH, SYSTEMS, workload
+from modelserving.bench import JOBS, PASS_THROUGH, PEERS, SYSTEMS, cpu, workload
+from modelserving.bench.peers.launch import PeerProcesses, peer_versions
 from modelserving.bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
 from modelserving.demo.training import TrainedModel, demo_rows, descriptor_for, load_manifest, train_all
 from modelserving.kafka.admin import ensure_topics
 from modelserving.local.job_process import JobProcess
 from modelserving.local.kafka_broker import LocalKafka
 from modelserving.local.processes import free_ports
-from modelserving.paths import PROJECT_ROOT
 from protos import ModelType, ServingResult
 from udfs.runtimes import FORMAT_NAMES as FORMATS
 
@@ -88,13 +90,13 @@ def data_type_of(model_type: str) -> str:
 
 def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    cpu = ""
+    processor = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        processor = next(line.split(":", 1)[1].strip() for line in
+                         Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cores": os.cpu_count(), "memory_gib": round(memory, 1), "cpu": cpu,
+    return {"cores": os.cpu_count(), "memory_gib": round(memory, 1), "cpu": processor,
             "platform": platform.platform()}
 
 
@@ -103,11 +105,12 @@ def versions() -> dict:
 
     found = {"python": platform.python_version(), "kafka": KAFKA_VERSION}
     for package in ("apache-flink", "onnxruntime", "tensorflow-cpu", "pypmml", "kafka-python",
-                    "protobuf", "numpy"):
+                    "confluent-kafka", "bytewax", "protobuf", "numpy"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
+    found.update(peer_versions())
     return found
 
 
@@ -143,11 +146,21 @@ class System:
         self.collector.start()
         if not self.collector.ready.wait(30):
             raise RuntimeError(f"no assignment for {self.results_topic}")
-        if self.name == "plain-loop":
-            self.process = PlainLoopProcess(self, self.log_path)
+        if self.name in PEERS:
+            self.process = PeerProcesses(self.name, self.job_settings(), self.log_path)
         else:
             self.process = JobProcess(JOB_SYSTEMS[self.name], self.job_settings(), self.log_path)
         self.process.start()  # assigned first, so stop() ends a process that never got ready
+
+    def pids(self) -> list[int]:
+        """The roots of the system's process trees (whose CPU it is charged)."""
+        if isinstance(self.process, PeerProcesses):
+            return self.process.pids()
+        return [self.process.process.pid] if self.process and self.process.process else []
+
+    def check_alive(self) -> None:
+        if isinstance(self.process, PeerProcesses) and self.process.exited():
+            raise RuntimeError("\n".join(self.process.exited()))
 
     def job_settings(self) -> Settings:
         return self.bench.kafka_settings.replace(
@@ -163,33 +176,6 @@ class System:
             self.process.stop()
         if self.collector is not None:
             self.collector.stop()
-
-
-class PlainLoopProcess:
-    def __init__(self, system: System, log_path: Path):
-        self.system, self.log_path = system, log_path
-
-    def start(self) -> "PlainLoopProcess":
-        """The loop gets its settings as MODELSERVING_* variables, as a job does (secrets
-        stay off the command line)."""
-        self.log = open(self.log_path, "w")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "modelserving.bench.plain_loop"],
-            cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **self.system.job_settings().to_environ(),
-                 "PYTHONPATH": str(PROJECT_ROOT)}, start_new_session=True)
-        return self
-
-    def stop(self) -> None:
-        if getattr(self, "popen", None) is None:
-            return
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        self.log.close()
 
 
 class Bench:
@@ -311,15 +297,20 @@ class Bench:
 
     def trial(self, system: System, model_type: str, count: int, rate: float) -> workload.Trial:
         template = RecordTemplate(data_type_of(model_type), self.rows)
+        meter = cpu.Meter(system.pids()).start()
         sent = produce(self.producer, system.data_topic, template, self.next_trial(model_type[:2]),
                        max(count, 40), rate)
         timeout = max(5.0, self.plan.trial_s)
-        return wait_for_trial(system.collector, sent, timeout)
+        trial = wait_for_trial(system.collector, sent, timeout)
+        meter.stop()
+        trial.cpu_s, trial.wall_s = meter.cpu_s, meter.wall_s
+        return trial
 
     def warm_up(self, system: System, model_type: str) -> None:
         """Until a trial comes back whole: model loaded, Python workers and JIT warm."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
+            system.check_alive()
             trial = self.trial(system, model_type, 300, 300)
             if trial.complete:
                 return
@@ -336,7 +327,7 @@ class Bench:
         producer_bound = probe.sent.achieved_rate < 1.2 * capacity
         per_run = []
         for run in range(runs):
-            rate, sustained = 0.9 * capacity, None
+            rate, sustained, cpu_us, cores = 0.9 * capacity, None, None, None
             for attempt in range(5):
                 sampler = None
                 if (run == 0 and attempt == 0 and model_type in self.profile_formats
@@ -350,12 +341,13 @@ class Bench:
                 output = trial.output_rate()
                 if (trial.complete and output and output >= 0.9 * min(rate, trial.sent.achieved_rate)
                         and not trial.latency_grows()):
-                    sustained = output
+                    sustained, cpu_us, cores = output, trial.cpu_per_record_us(), trial.cpu_cores()
                     break
                 # next try: a quarter less, or just under what came out, whichever is lower
                 rate = min(rate * 0.75, 0.95 * output) if output else rate * 0.75
             half = self.trial(system, model_type, int(rate / 2 * plan.trial_s), rate / 2)
             per_run.append({"throughput_rps": sustained, "rate_rps": rate,
+                            "cpu_us_per_record": cpu_us, "cpu_cores": cores,
                             "p50_ms": half.percentile(50), "p95_ms": half.percentile(95),
                             "p99_ms": half.percentile(99), "complete": half.complete})
         entry = {"system": system.name, "model_type": model_type,
@@ -364,18 +356,21 @@ class Bench:
                  "p95_ms": median(r["p95_ms"] for r in per_run),
                  "p99_ms": median(r["p99_ms"] for r in per_run),
                  "latency_rate_rps": (median(r["rate_rps"] for r in per_run) or 0) / 2,
+                 "cpu_us_per_record": median(r["cpu_us_per_record"] for r in per_run),
+                 "cpu_cores": median(r["cpu_cores"] for r in per_run),
                  "probe_rps": capacity, "runs": per_run,
                  "limited_by": "producer" if producer_bound else None, "note": ""}
-        log.info("%s %s: %s rec/s, p50/p95/p99 %s/%s/%s ms", system.name, model_type,
-                 _fmt(entry["throughput_rps"]), _fmt(entry["p50_ms"]), _fmt(entry["p95_ms"]),
-                 _fmt(entry["p99_ms"]))
+        log.info("%s %s: %s rec/s, p50/p95/p99 %s/%s/%s ms, CPU %s us/record (%s cores)",
+                 system.name, model_type, _fmt(entry["throughput_rps"]), _fmt(entry["p50_ms"]),
+                 _fmt(entry["p95_ms"]), _fmt(entry["p99_ms"]), _fmt(entry["cpu_us_per_record"]),
+                 _fmt(entry["cpu_cores"]))
         return entry
 
     def sampler(self, system: System, model_type: str):
         from modelserving.bench import profiling
 
-        if isinstance(system.process, PlainLoopProcess):
-            pids = [system.process.popen.pid]
+        if isinstance(system.process, PeerProcesses):
+            pids = system.process.pids()
         else:
             pids = profiling.python_workers(system.process.process.pid)
         seconds = max(2, int(self.plan.trial_s) - 1)
@@ -444,17 +439,24 @@ class Bench:
         template = RecordTemplate(data_type_of(model_type), self.rows)
         raws = [template.encode(i, f"r{i}", 0) for i in range(20_000 if not self.plan.quick else 8_000)]
         server.serve(raws[:512], model)  # warm-up
-        rates = []
+        runs = []
         for _ in range(self.plan.runs):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for start in range(0, len(raws), 512):
                 server.serve(raws[start:start + 512], model)
-            rates.append(len(raws) / (time.perf_counter() - started))
+            wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+            runs.append({"throughput_rps": len(raws) / wall,
+                         "cpu_us_per_record": cpu.per_record_us(cpu_s, len(raws)),
+                         "cpu_cores": cpu.cores(cpu_s, wall)})
         server.close()
-        log.info("in-process %s: %s rec/s", model_type, _fmt(median(rates)))
-        return {"system": "in-process", "model_type": model_type, "throughput_rps": median(rates),
-                "p50_ms": None, "p95_ms": None, "p99_ms": None, "runs": [{"throughput_rps": r} for r in rates],
-                "limited_by": None, "note": "batches of 512, no Kafka"}
+        entry = {"system": "in-process", "model_type": model_type,
+                 **{key: median(run[key] for run in runs)
+                    for key in ("throughput_rps", "cpu_us_per_record", "cpu_cores")},
+                 "p50_ms": None, "p95_ms": None, "p99_ms": None, "runs": runs,
+                 "limited_by": None, "note": "batches of 512, no Kafka"}
+        log.info("in-process %s: %s rec/s, CPU %s us/record", model_type,
+                 _fmt(entry["throughput_rps"]), _fmt(entry["cpu_us_per_record"]))
+        return entry
 
     # -- tuning ----------------------------------------------------------------------------
 

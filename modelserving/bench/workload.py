@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, Producer
 
 from jobs.kafka_config import MAX_MESSAGE_BYTES, confluent
+from modelserving.bench import cpu
 from protos import DataRecord, ServingResult
 
 WARM_UP_FRACTION = 0.25
@@ -133,6 +134,14 @@ class Trial:
     appended_ms: list[int] = field(default_factory=list)
     model_versions: dict[str, int] = field(default_factory=dict)
     received: int = 0
+    cpu_s: float | None = None      # CPU of the system under test while the trial ran
+    wall_s: float | None = None     # from the first record sent to the last result in
+
+    def cpu_per_record_us(self) -> float | None:
+        return cpu.per_record_us(self.cpu_s, self.received)
+
+    def cpu_cores(self) -> float | None:
+        return cpu.cores(self.cpu_s, self.wall_s)
 
     @property
     def complete(self) -> bool:

@@ -9,9 +9,10 @@ from modelserving.bench import report
 
 
 def result(system: str, model_type: str, rate: float | None, p50=None, p95=None, p99=None, at_rate=None,
-           limited_by=None, note=""):
+           limited_by=None, note="", cpu_us=None, cores=None):
     return {"system": system, "model_type": model_type, "throughput_rps": rate, "p50_ms": p50, "p95_ms": p95,
-            "p99_ms": p99, "latency_rate_rps": at_rate, "runs": [], "limited_by": limited_by, "note": note}
+            "p99_ms": p99, "latency_rate_rps": at_rate, "runs": [], "limited_by": limited_by, "note": note,
+            "cpu_us_per_record": cpu_us, "cpu_cores": cores}
 
 
 @pytest.fixture
@@ -136,13 +137,13 @@ def test_markdown_without_optional_parts(results):
 def test_write_report_files(results, tmp_path):
     out_dir = tmp_path / "nested" / "report"
     paths = report.write_report(results, out_dir)
-    assert set(paths) == {"json", "markdown", "throughput_plot", "latency_plot", "switch_plot"}
+    assert set(paths) == {"json", "markdown", "throughput_plot", "latency_plot", "switch_plot", "cpu_plot"}
     assert {path.name for path in paths.values()} == {
-        "results.json", "results.md", "throughput.png", "latency.png", "model_switch.png"}
+        "results.json", "results.md", "throughput.png", "latency.png", "model_switch.png", "cpu.png"}
     assert all(path.parent == out_dir for path in paths.values())
     assert json.loads(paths["json"].read_text(encoding="utf-8")) == results
     assert paths["markdown"].read_text(encoding="utf-8") == report.markdown(results)
-    for key in ("throughput_plot", "latency_plot", "switch_plot"):
+    for key in ("throughput_plot", "latency_plot", "switch_plot", "cpu_plot"):
         data = paths[key].read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5 * 1024, key
 
@@ -152,3 +153,50 @@ def test_plots_survive_missing_figures(tmp_path):
     paths = report.write_report(sparse, tmp_path)
     assert all(path.exists() for path in paths.values())
     assert "| ONNX | keyed | – |" in paths["markdown"].read_text(encoding="utf-8")
+
+
+def with_peers(results: dict) -> dict:
+    """The fixture's run plus every Python peer on ONNX, each with its CPU per record."""
+    results["results"] += [
+        result("confluent-loop-2p", "ONNX", 105600.0, 7.0, 30.0, 78.0, 52800.0, cpu_us=17.9, cores=1.89),
+        result("quix", "ONNX", 26500.0, 5.0, 6.0, 8.0, 13250.0, cpu_us=37.1, cores=0.98),
+        result("bytewax", "ONNX", 84200.0, 7.0, 40.0, 81.0, 42100.0, cpu_us=22.4, cores=1.89),
+        result("confluent-loop", "ONNX", 88700.0, 6.0, 20.0, 64.0, 44350.0, cpu_us=11.2, cores=0.99),
+    ]
+    for entry in results["results"]:
+        if (entry["system"], entry["model_type"]) == ("keyed", "ONNX"):
+            entry.update(cpu_us_per_record=190.4, cpu_cores=1.0)
+        if entry["system"] == "in-process" and entry["model_type"] == "ONNX":
+            entry.update(cpu_us_per_record=9.56, cpu_cores=1.0)
+    return results
+
+
+def test_peers_and_cpu_side_by_side(results):
+    page = report.markdown(with_peers(results))
+    assert "CPU µs/record | CPU cores |" in page
+    assert "| ONNX | keyed | 5,230 | 21.0 | 40.2 | 55.1 | 2,615 | 190.4 | 1.00 |" in page
+    assert "| ONNX | confluent-loop-2p | 105,600 | 7.0 | 30.0 | 78.0 | 52,800 | 17.9 | 1.89 |" in page
+    assert "| ONNX | in-process | 104,600 | – | – | – | – | 9.6 | 1.00 |" in page
+    # a system without CPU figures shows dashes, not zeros
+    assert "| ONNX | broadcast | ≥ 4,800 | 18.0 | 35.0 | 48.0 | 2,400 | – | – |" in page
+    # the jobs first, then the peers in the order they are measured, then in-process
+    order = [page.index(f"| ONNX | {system} |") for system in
+             ("keyed", "broadcast", "plain-loop", "quix", "bytewax", "confluent-loop", "confluent-loop-2p",
+              "in-process")]
+    assert order == sorted(order)
+    assert "![CPU per record](cpu.png)" in page
+
+
+def test_cpu_plot_draws_every_system(results, tmp_path, monkeypatch):
+    drawn = []
+    real_bars = report._bars
+
+    def spy(ax, results, field, hatch, text):
+        model_types, plotted = real_bars(ax, results, field, hatch, text)
+        drawn.append((field, sorted(plotted)))
+        return model_types, plotted
+
+    monkeypatch.setattr(report, "_bars", spy)
+    path = report.plot_cpu(with_peers(results), tmp_path / "cpu.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert drawn == [("cpu_us_per_record", [9.56, 11.2, 17.9, 22.4, 37.1, 190.4])]
