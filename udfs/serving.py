@@ -278,18 +278,19 @@ class ModelServer:
             raise RuntimeError(f"{model.info} returned {len(predictions)} predictions for "
                                f"{len(rows)} records")
         micros = (time.perf_counter() - started) * 1e6 / len(rows)
-        served = now_ms()
-        info = model.info
+        shared: dict[tuple, bytes] = {}
         filled = []
         for (position, record), prediction in zip(scored, predictions):
             try:   # the model is done: a failure from here on is ours, and this record's only
-                result = ServingResult(
-                    status=ServingResult.SCORED, dataType=record.data_type, recordId=record.record_id,
-                    recordTs=record.ts, modelName=info.name, modelVersion=info.version,
-                    modelType=info.model_type, score=prediction.value, label=prediction.label,
-                    probabilities=prediction.probabilities, classLabels=prediction.class_labels,
-                    scoringMicros=micros, servedMs=served, subtask=self.subtask)
-                outcome = self._bounded(result, record, model, micros)
+                common = shared.get(prediction.class_labels)
+                if common is None:
+                    common = shared[prediction.class_labels] = self._batch_fields(
+                        model, prediction.class_labels, micros)
+                payload = ServingResult(
+                    dataType=record.data_type, recordId=record.record_id, recordTs=record.ts,
+                    score=prediction.value, label=prediction.label,
+                    probabilities=prediction.probabilities).SerializeToString() + common
+                outcome = self._bounded(payload, record, model, micros)
             except Exception as exc:
                 outcome = self.internal_error(record.raw, exc, "serializing a result",
                                               record.data_type, model)
@@ -297,10 +298,20 @@ class ModelServer:
         for position, outcome in filled:
             outcomes[position] = outcome
 
-    def _bounded(self, result: ServingResult, record: ParsedRecord, model: LoadedModel,
+    def _batch_fields(self, model: LoadedModel, class_labels, micros: float) -> bytes:
+        """The fields every result of a batch shares, serialized once for the batch: a
+        protobuf message's serialized fields may come in any order, and concatenated
+        serializations parse as one message, so each record only serializes its own fields
+        and appends these."""
+        info = model.info
+        return ServingResult(status=ServingResult.SCORED, modelName=info.name,
+                             modelVersion=info.version, modelType=info.model_type,
+                             classLabels=class_labels, scoringMicros=micros, servedMs=now_ms(),
+                             subtask=self.subtask).SerializeToString()
+
+    def _bounded(self, payload: bytes, record: ParsedRecord, model: LoadedModel,
                  micros: float) -> Outcome:
         """The result, or a dead letter when it is larger than ``max_result_bytes``."""
-        payload = result.SerializeToString()
         if len(payload) > self.max_result_bytes:
             error = ResultTooLarge(f"result too large ({len(payload)} bytes > "
                                    f"{self.max_result_bytes})")

@@ -69,6 +69,7 @@ def test_oversized_inputs_are_dead_lettered_once_and_the_job_never_restarts(serv
     serving.wait_until_serving(model.name)
     # a producer of its own, as a producer of large messages would configure it; gzip lets
     # the broker take the inputs over its 20 MiB message limit
+    positions = {}
     producer = client.producer(serving.settings, max_request_size=4 * MAX_MESSAGE_BYTES,
                                compression_type="gzip")
     rng = random.Random(10)
@@ -84,9 +85,11 @@ def test_oversized_inputs_are_dead_lettered_once_and_the_job_never_restarts(serv
         before = serving.rows("before-oversized", 10)
         serving.send_records(before)
         for raw in records.values():
-            producer.send(serving.settings.data_topic, value=raw).get(60)
+            sent = producer.send(serving.settings.data_topic, value=raw).get(60)
+            positions[hashlib.sha256(raw).hexdigest()] = (sent.partition, sent.offset)
         for raw in models.values():
-            producer.send(serving.settings.models_topic, value=raw).get(60)
+            sent = producer.send(serving.settings.models_topic, value=raw).get(60)
+            positions[hashlib.sha256(raw).hexdigest()] = (sent.partition, sent.offset)
         after = serving.rows("after-oversized", 10)
         serving.send_records(after)
     finally:
@@ -116,7 +119,8 @@ def test_oversized_inputs_are_dead_lettered_once_and_the_job_never_restarts(serv
         assert letter.kind == kind and letter.sourceTopic == topic, what
         assert letter.rawSize == len(raw) and letter.rawTruncated, what
         assert letter.raw == raw[:RAW_BOUND], what
-        assert letter.sourcePartition == -1 and letter.sourceOffset == -1, what
+        # where the original is: its partition and offset, as the broker acknowledged them
+        assert (letter.sourcePartition, letter.sourceOffset) == positions[letter.rawSha256], what
         assert len(letter.SerializeToString()) < RAW_BOUND + 2048, what
 
     exceptions = serving.process.rest(f"/jobs/{serving.process.job_id}/exceptions")

@@ -25,20 +25,51 @@ pytestmark = pytest.mark.job
 
 
 class Decode:
-    """from_collection cannot carry bytes: the test sends base64 text and decodes it here.
-    With a ``gate``, the first record waits until the gate opens."""
+    """from_collection cannot carry bytes: the test sends text (a partition, offsets and
+    base64 values, see ``encoded``) and decodes it here into the batch or message the Kafka
+    source would give. With a ``gate``, the first element waits until the gate opens."""
 
-    def __init__(self, gate: "ModelsHandled | None" = None):
+    def __init__(self, gate: "ModelsHandled | None" = None, model: bool = False):
         self.gate = gate
+        self.model = model
 
     def open(self, runtime_context):
         self.waiting = self.gate is not None
 
     def map(self, value):
+        from pyflink.common import Row
+
         if self.waiting:
             self.gate.wait()
             self.waiting = False
-        return base64.b64decode(value)
+        partition, offsets, values = value.split(";")
+        offsets = [int(o) for o in offsets.split(",")]
+        values = [base64.b64decode(v) for v in values.split(",")]
+        if self.model:
+            return Row(int(partition), offsets[0], values[0])
+        return Row(int(partition), offsets, values)
+
+
+def encoded(partition: int, offsets: list[int], values: list[bytes]) -> str:
+    return f"{partition};{','.join(map(str, offsets))};" + ",".join(
+        base64.b64encode(v).decode() for v in values)
+
+
+def in_batches(records: list[bytes], size: int = 8) -> list[list[bytes]]:
+    return [records[start:start + size] for start in range(0, len(records), size)]
+
+
+def positioned(batches: list[list[bytes]]) -> list[tuple[int, list[int], list[bytes]]]:
+    """Batches as the Kafka source gives them: alternately from partition 0 and 1, each
+    partition's offsets counting from 0."""
+    next_offset = [0, 0]
+    out = []
+    for index, batch in enumerate(batches):
+        partition = index % 2
+        offsets = list(range(next_offset[partition], next_offset[partition] + len(batch)))
+        next_offset[partition] += len(batch)
+        out.append((partition, offsets, batch))
+    return out
 
 
 class ModelsHandled:
@@ -119,8 +150,10 @@ JOBS = ["keyed", "broadcast"]
 
 
 def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings,
-            inject=None):
-    """Run ``job`` on the local environment: every model reaches the join before any record."""
+            inject=None, batches: list[list[bytes]] | None = None, with_positions: bool = False):
+    """Run ``job`` on the local environment: every model reaches the join before any record.
+    ``records`` arrive in batches of 8 (or as ``batches``); with ``with_positions``, also
+    the (partition, offset) of every record and model."""
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
 
@@ -128,30 +161,39 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
 
     build_pipeline = importlib.import_module(f"jobs.{job}_job").build_pipeline
     from jobs.pipeline import create_environment
-    from udfs.flink.joins import BYTES
+    from udfs.flink.batches import MODEL_MESSAGE, RECORD_BATCH
 
     class DecodeMap(Decode, MapFunction):
         pass
 
-    def collection(items):
-        return env.from_collection([base64.b64encode(i).decode() for i in items], type_info=Types.STRING())
-
+    record_batches = positioned(batches if batches is not None else in_batches(records))
+    model_messages = [(0, [offset], [raw]) for offset, raw in enumerate(models)]
     with tempfile.TemporaryDirectory(prefix="models-handled-") as marks:
         # the keyed join handles a model on one instance, the broadcast join on every one
         copies = 1 if job == "keyed" else settings.parallelism
         gate = ModelsHandled(marks, expected=len(models) * copies)
         env = create_environment(settings, with_connector=False)
-        data = collection(records).map(DecodeMap(gate), output_type=BYTES)
-        model_stream = collection(models).map(DecodeMap(), output_type=BYTES)
+        data = env.from_collection([encoded(*b) for b in record_batches], type_info=Types.STRING()) \
+            .map(DecodeMap(gate), output_type=RECORD_BATCH)
+        model_stream = env.from_collection([encoded(*m) for m in model_messages],
+                                           type_info=Types.STRING()) \
+            .map(DecodeMap(model=True), output_type=MODEL_MESSAGE)
         results, dead_letters = build_pipeline(data, model_stream, settings,
                                                serving=reporting_join(job, settings, gate, inject))
         tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
-        both = results.map(lambda b: ("result", base64.b64encode(b).decode()), output_type=tagged).union(
+        both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
+                                               for b in batch[0]], output_type=tagged).union(
             dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
         with both.execute_and_collect() as collected:
             out = list(collected)
-    return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
-            [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
+    outputs = ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
+               [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
+    if not with_positions:
+        return outputs
+    where = {raw: (partition, offset) for partition, offsets, batch in record_batches
+             for offset, raw in zip(offsets, batch)}
+    where.update({raw: (partition, offsets[0]) for partition, offsets, (raw,) in model_messages})
+    return outputs + (where,)
 
 
 def expected_predictions(descriptor_bytes: bytes, rows: list[Row], model_dirs):
@@ -182,7 +224,7 @@ def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models,
     other_type = Row("no-model-type", ("a",), (1.0,), "orphan")
     records = [encode_record(r) for r in rows] + [b"", b"\xff\xfe garbage", encode_record(nan_row),
                                                     encode_record(other_type)]
-    results, dead = run_job(job, records, [onnx, bad_model], settings)
+    results, dead, where = run_job(job, records, [onnx, bad_model], settings, with_positions=True)
 
     expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
     scored = {r.recordId: r for r in results if r.status == ServingResult.SCORED}
@@ -203,6 +245,10 @@ def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models,
     assert any(f"feature '{rows[0].names[0]}' is nan" in r for r in reasons)
     [model_letter] = [d for d in dead if d.kind == DeadLetter.BAD_MODEL]
     assert model_letter.raw == bad_model and "model 'broken'" in model_letter.reason
+    # each dead letter names where its input is in its topic
+    for letter in dead:
+        assert (letter.sourcePartition, letter.sourceOffset) == where[letter.raw], letter.reason
+    assert {d.sourceTopic for d in dead if d.kind == DeadLetter.BAD_RECORD} == {settings.data_topic}
 
 
 # -- a failure of the project's own code in each path: the job goes on -------------------------
@@ -211,14 +257,13 @@ def test_job_scores_every_record_and_dead_letters_bad_input(job, trained_models,
 SCORE_MARKER = -12345.0
 #: (path, what the failing input is): every path a record or a model takes through a job.
 INJECTED_PATHS = {
-    "record-key": "record key selection",
+    "batch-key": "splitting and keying a record batch",
     "parse": "record parsing",
     "score": "scoring",
     "serialize": "result serialization",
     "metrics": "metrics update",
     "statistics": "statistics tracking",
     "publish": "statistics publishing",
-    "flush": "batch-flush timer",
     "model-key": "model key selection (keyed job: models are keyed too)",
     "model-build": "model parsing",
     "model-install": "model installation",
@@ -239,7 +284,7 @@ def inject_failures(join) -> None:
     import udfs.serving
     from udfs.flink.joins import ServingJoin
 
-    server, batcher = join.server, join.batcher
+    server = join.server
 
     def marked(outcomes, name: str) -> bool:
         return any(name.encode() in outcome.payload for outcome in outcomes)
@@ -276,10 +321,10 @@ def inject_failures(join) -> None:
 
     bounded = server._bounded                                          # result serialization
 
-    def failing_serialization(result, record, model, micros):
+    def failing_serialization(payload, record, model, micros):
         if record.record_id == "inject-serialize":
             raise injected("serialization")
-        return bounded(result, record, model, micros)
+        return bounded(payload, record, model, micros)
     server._bounded = failing_serialization
 
     count = join.metrics.total.count                                   # metrics update
@@ -301,39 +346,37 @@ def inject_failures(join) -> None:
         raise injected("publishing")
     join.publisher.publish = failing_publish
 
-    for name in ("on_processing_timer", "on_end_of_input"):            # batch-flush timer
-        def failing_flush(key, *args, flush=getattr(batcher, name)):
-            if any(b"inject-flush" in raw for raw in batcher._pending(key)):
-                raise injected("flush")
-            return flush(key, *args)
-        setattr(batcher, name, failing_flush)
 
 
 def failing_key_selectors(job: str, monkeypatch) -> None:
-    """The job's own key selectors, raising on the marker inputs (``inject-record-key``,
-    ``inject-model-key``)."""
-    from udfs.flink.keys import ModelDataType, RecordDataType, SpreadKey
+    """The job's own split and key selectors, raising on the marker inputs (a batch holding
+    ``inject-batch-key``, ``inject-model-key``)."""
+    from udfs.flink.batches import SplitByDataType
+    from udfs.flink.keys import ModelDataType, SpreadKey
 
-    class FailingRecordKey(RecordDataType):
-        def select(self, raw):
-            if b"inject-record-key" in raw:
-                raise injected("record key")
-            return super().select(raw)
+    def marked(batch) -> bool:
+        return any(b"inject-batch-key" in raw for raw in batch[-1])
+
+    class FailingSplit(SplitByDataType):
+        def select(self, batch):
+            if marked(batch):
+                raise injected("batch key")
+            return super().select(batch)
 
     class FailingModelKey(ModelDataType):
-        def select(self, raw):
-            if b"inject-model-key" in raw:
+        def select(self, message):
+            if b"inject-model-key" in message[2]:
                 raise injected("model key")
-            return super().select(raw)
+            return super().select(message)
 
     class FailingSpreadKey(SpreadKey):
-        def select(self, raw):
-            if b"inject-record-key" in raw:
-                raise injected("record key")
-            return super().select(raw)
+        def select(self, batch):
+            if marked(batch):
+                raise injected("batch key")
+            return super().select(batch)
 
     if job == "keyed":
-        monkeypatch.setattr("jobs.keyed_job.RecordDataType", FailingRecordKey)
+        monkeypatch.setattr("jobs.keyed_job.SplitByDataType", FailingSplit)
         monkeypatch.setattr("jobs.keyed_job.ModelDataType", FailingModelKey)
     else:
         monkeypatch.setattr("jobs.broadcast_job.SpreadKey", FailingSpreadKey)
@@ -362,8 +405,8 @@ def run_injected(job: str, trained_models, settings: Settings):
 
     rows = demo_rows()
     marker_rows = {path: Row(DEMO_DATA_TYPE, row.names, row.values, f"inject-{path}")
-                   for path, row in zip(["record-key", "parse", "score", "serialize", "metrics",
-                                         "statistics", "flush"], rows[40:])}
+                   for path, row in zip(["batch-key", "parse", "score", "serialize", "metrics",
+                                         "statistics"], rows[40:])}
     scored = marker_rows["score"]
     marker_rows["score"] = Row(DEMO_DATA_TYPE, scored.names, (SCORE_MARKER,) + scored.values[1:],
                                scored.record_id)
@@ -376,8 +419,10 @@ def run_injected(job: str, trained_models, settings: Settings):
             marker.CopyFrom(onnx)
             marker.name = f"inject-{path}"
             models[path] = marker.SerializeToString()
-    # batches larger than the input: every batch is flushed by a timer
-    batching = settings.replace(batch_max_size=64, batch_max_wait_ms=2000)
+    # the record that fails the keyed job's split comes in a batch of its own: the whole
+    # batch is dead-lettered then
+    split_marker = records[marker_rows["batch-key"].record_id]
+    batches = in_batches([raw for raw in records.values() if raw != split_marker]) + [[split_marker]]
     errors = ErrorLines()
     logger = logging.getLogger("modelserving")
     logger.addHandler(errors)
@@ -386,12 +431,12 @@ def run_injected(job: str, trained_models, settings: Settings):
         with pytest.MonkeyPatch.context() as monkeypatch:
             monkeypatch.setattr(udfs.serving, "parse_record", udfs.serving.parse_record)
             failing_key_selectors(job, monkeypatch)
-            results, dead = run_job(job, list(records.values()), list(models.values()), batching,
-                                    inject=inject_failures)
+            results, dead = run_job(job, list(records.values()), list(models.values()), settings,
+                                    inject=inject_failures, batches=batches)
     finally:
         logger.removeHandler(errors)
-    answered = [path for path in ("metrics", "statistics", "flush", "record-key")
-                if not (job == "keyed" and path == "record-key")]
+    answered = [path for path in ("metrics", "statistics", "batch-key")
+                if not (job == "keyed" and path == "batch-key")]
     served = rows[:40] + [marker_rows[path] for path in answered]
     return dict(results=results, dead=dead, errors=errors, records=records, models=models,
                 onnx=onnx, seconds=time.monotonic() - started,
@@ -420,13 +465,13 @@ def injected_runs(trained_models, settings):
 def test_a_failure_of_our_code_in_any_path_answers_that_input_and_the_job_goes_on(
         job, path, injected_runs, trained_models, settings):
     """A RuntimeError raised by the job's own code, in each path a record or a model takes
-    (key selection, parsing, scoring, serialization, metrics, statistics and their
-    publishing, the batch-flush timer, building and installing a model): the job finishes
+    (splitting and keying a batch, parsing, scoring, serialization, metrics, statistics and
+    their publishing, keying, building and installing a model): the job finishes
     (no exception from Flink, no restart: every record answered exactly once), every record
     is scored by the model that serves, with the right prediction, and the failing input
     becomes exactly one INTERNAL_ERROR dead letter of that exception; a record that can still
-    be served (a failure in metrics, statistics, flushing or the broadcast job's spreading
-    key) is scored. Either way the failure is logged at ERROR with its stack trace."""
+    be served (a failure in metrics, statistics or the broadcast job's spreading key) is
+    scored. Either way the failure is logged at ERROR with its stack trace."""
     run = injected_runs(job)
     results, dead, errors, records, models = (run[k] for k in ("results", "dead", "errors",
                                                                 "records", "models"))
@@ -448,22 +493,21 @@ def test_a_failure_of_our_code_in_any_path_answers_that_input_and_the_job_goes_o
     failing_inputs = {path: raw for path, raw in models.items() if path != "onnx"}
     failing_inputs.update({path: records[f"inject-{path}"] for path in ("parse", "score", "serialize")})
     if job == "keyed":
-        failing_inputs["record-key"] = records["inject-record-key"]
+        failing_inputs["batch-key"] = records["inject-batch-key"]
     assert sorted(letter.raw for letter in dead) == sorted(failing_inputs.values())
     assert {(letter.kind, letter.exceptionType) for letter in dead} == \
         {(DeadLetter.INTERNAL_ERROR, "RuntimeError")}
 
     # this path
     where, failure, model_input = {
-        "record-key": ("selecting the key of a record" if job == "keyed" else
-                       "selecting the spreading key of a record", "record key", False),
+        "batch-key": ("splitting a batch by data type" if job == "keyed" else
+                      "selecting the spreading key of a batch", "batch key", False),
         "parse": ("parsing a record", "parsing", False),
         "score": ("scoring with ", "scoring", False),
         "serialize": ("serializing a result", "serialization", False),
         "metrics": ("counting outcomes", "metrics", False),
         "statistics": ("keeping statistics", "statistics", False),
         "publish": ("publishing statistics", "publishing", False),
-        "flush": ("flushing a batch", "flush", False),
         "model-key": ("selecting the key of a model", "model key", True),
         "model-build": ("building a model", "model parsing", True),
         "model-install": ("installing a model", "model installation", True),
@@ -472,7 +516,9 @@ def test_a_failure_of_our_code_in_any_path_answers_that_input_and_the_job_goes_o
     assert errors.logged(f"internal error {where}", stated), errors.lines
     if path in failing_inputs:
         [letter] = [d for d in dead if d.raw == failing_inputs[path]]
-        assert letter.reason.startswith(f"internal error {where}") and letter.reason.endswith(stated)
+        # the join tells a batch it got under a failure key, not the failing operator itself
+        relayed = "splitting or keying a batch" if path == "batch-key" else where
+        assert letter.reason.startswith(f"internal error {relayed}") and letter.reason.endswith(stated)
         assert letter.sourceTopic == (settings.models_topic if model_input else settings.data_topic)
         assert letter.rawSize == len(failing_inputs[path]) and not letter.rawTruncated
     elif path != "publish":
@@ -518,8 +564,7 @@ def comparable(result: ServingResult) -> bytes:
 
 @pytest.mark.parametrize("job", JOBS)
 def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, settings):
-    """Batches of up to 16 (and a wait long enough to fill them) give byte-identical results to
-    scoring each record alone, for a vector model (ONNX) and a PMML model, bad records included."""
+    """Model calls of up to 16 records give byte-identical results to scoring each record alone, for a vector model (ONNX) and a PMML model, bad records included."""
     rows = demo_rows()[:70]
     other = [Row("cultivar-pmml", r.names, r.values, "p" + r.record_id) for r in rows[:40]]
     bad = Row(DEMO_DATA_TYPE, rows[1].names, (math.nan,) + rows[1].values[1:], "nan-row")
@@ -528,8 +573,8 @@ def test_micro_batched_results_equal_one_at_a_time_results(job, trained_models, 
               descriptor_for(trained_models[ModelType.PMML], data_type="cultivar-pmml").SerializeToString()]
     outputs = {}
     for size in (1, 16):
-        batching = settings.replace(batch_max_size=size, batch_max_wait_ms=2000)
-        results, dead = run_job(job, records, models, batching)
+        batching = settings.replace(batch_max_size=size)
+        results, dead = run_job(job, records, models, batching, batches=in_batches(records, 40))
         outputs[size] = (sorted(comparable(r) for r in results),
                          sorted((d.raw, d.reason) for d in dead))
     single, batched = outputs[1], outputs[16]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from pyflink.datastream import TimeDomain
+from pyflink.common import Row as FlinkRow
 
 from jobs.settings import Settings
 from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset
@@ -25,6 +25,17 @@ from udfs.serving import BAD_RECORD, INTERNAL_ERROR, SCORED, LoadedModel, ModelS
 def rows():
     names, X, y, labels = demo_dataset()
     return [Row(DEMO_DATA_TYPE, tuple(names), tuple(map(float, X[i])), f"r{i}") for i in range(6)]
+
+
+def batch_of(raws, data_type=DEMO_DATA_TYPE, partition=0, first_offset=0):
+    """The keyed join's input 1: a sub-batch of one data type, with Kafka positions."""
+    return FlinkRow(data_type, partition, list(range(first_offset, first_offset + len(raws))),
+                    list(raws))
+
+
+def message(raw, partition=0, offset=0):
+    """The join's models input: one models-topic message."""
+    return FlinkRow(partition, offset, raw)
 
 
 class Clock:
@@ -232,7 +243,7 @@ def test_the_join_dead_letters_a_model_it_fails_to_build_and_counts_it(join, mon
     monkeypatch.setattr(function.server, "build", lambda raw: 1 / 0)
     raw = ModelDescriptor(name="m", dataType=DEMO_DATA_TYPE, modeltype=ModelType.ONNX,
                           data=b"x").SerializeToString()
-    [(tag, payload)] = list(function.process_element2(raw, context))
+    [(tag, payload)] = list(function.process_element2(message(raw), context))
     letter = DeadLetter.FromString(payload)
     assert tag is DEAD_LETTERS and letter.kind == DeadLetter.INTERNAL_ERROR
     assert "ZeroDivisionError" in letter.reason and letter.sourceTopic == "models"
@@ -245,7 +256,7 @@ def test_the_join_survives_failing_lookup_statistics_and_metrics(join, rows, mon
     monkeypatch.setattr(function.stats, "get", lambda key: 1 / 0)            # statistics
     monkeypatch.setattr(function.publisher, "publish", lambda key, value: 1 / 0)
     raw = encode_record(rows[0])
-    [(tag, payload)] = list(function.process_element1(raw, context))
+    [(tag, payload)] = list(function.process_element1(batch_of([raw]), context))
     letter = DeadLetter.FromString(payload)
     assert tag is DEAD_LETTERS and letter.kind == DeadLetter.INTERNAL_ERROR
     assert "internal error serving a batch: KeyError" in letter.reason
@@ -269,41 +280,6 @@ def test_metrics_count_internal_errors_apart_from_bad_records():
 
 # -- every per-record and per-model path: nothing our code raises reaches Flink -------------------
 
-class ListState:
-    """Keyed list state of the one key the tests use."""
-
-    def __init__(self):
-        self.values = []
-
-    def get(self):
-        return list(self.values)
-
-    def add(self, value):
-        self.values.append(value)
-
-    def clear(self):
-        self.values = []
-
-
-class BatchingContext(Context):
-    """The keyed join's context with micro-batching: list state, both kinds of timers, and
-    the time domain of the timer that fires."""
-
-    def __init__(self):
-        super().__init__()
-        self.event_timers = []
-        self.domain = None
-
-    def get_list_state(self, descriptor):
-        return ListState()
-
-    def register_event_time_timer(self, t):
-        self.event_timers.append(t)
-
-    def time_domain(self):
-        return self.domain
-
-
 def model_named(runtime, name: str = "m") -> LoadedModel:
     info = ModelInfo(data_type=DEMO_DATA_TYPE, name=name, version="1", description="",
                      model_type=ModelType.ONNX, model_id="id-" + name)
@@ -312,23 +288,11 @@ def model_named(runtime, name: str = "m") -> LoadedModel:
 
 def answers(outputs):
     """(results' record ids, dead letters) of a join's outputs."""
-    results = [ServingResult.FromString(o).recordId for o in outputs if not isinstance(o, tuple)]
-    letters = [DeadLetter.FromString(o[1]) for o in outputs if isinstance(o, tuple)]
+    outputs = list(outputs)
+    results = [ServingResult.FromString(r).recordId for o in outputs if o[0] is not DEAD_LETTERS
+               for r in o[0]]
+    letters = [DeadLetter.FromString(o[1]) for o in outputs if o[0] is DEAD_LETTERS]
     return results, letters
-
-
-@pytest.fixture()
-def batching_join(rows, monkeypatch):
-    """The keyed join with batches of up to 4, serving every data type with a model that
-    scores every record 1.0."""
-    settings = Settings(state_topic="", batch_max_size=4, batch_max_wait_ms=100)
-    function = KeyedServing(settings, {})
-    context = BatchingContext()
-    function.open(context)
-    model = model_of(FailsOn(rows[0].names, -999.0, RuntimeError("never")))
-    monkeypatch.setattr(function.server, "current", lambda data_type, model_id, stored: model)
-    yield function, context
-    function.close()
 
 
 def errors_of(caplog, where: str):
@@ -336,32 +300,35 @@ def errors_of(caplog, where: str):
             and r.getMessage().startswith(f"internal error {where}")]
 
 
-def test_key_selectors_never_raise_they_log_count_and_fall_back(rows, caplog):
-    from udfs.flink.keys import (FAILED_KEY, ModelDataType, RecordDataType, SpreadKey,
-                                 key_failure)
+def test_split_and_key_selectors_never_raise_they_log_count_and_fall_back(rows, caplog):
+    from udfs.flink.batches import SplitByDataType
+    from udfs.flink.keys import FAILED_KEY, ModelDataType, SpreadKey, key_failure
 
-    record_key, model_key, spread = RecordDataType(), ModelDataType(), SpreadKey((5, 7))
+    split, model_key, spread = SplitByDataType(), ModelDataType(), SpreadKey((5, 7))
     contexts = [Context() for _ in range(3)]
-    for selector, context in zip((record_key, model_key, spread), contexts):
-        selector.open(context)
-    raw = encode_record(rows[0])
-    assert record_key.get_key(raw) == DEMO_DATA_TYPE and record_key.get_key(b"\xff") == ""
-    assert spread.get_key(raw) in (5, 7)
+    for operator, context in zip((split, model_key, spread), contexts):
+        operator.open(context)
+    raw, other = encode_record(rows[0]), encode_record(Row("other", ("a",), (1.0,), "o"))
+    pieces = split.flat_map(FlinkRow(1, [10, 11, 12], [raw, b"\xff", other]))
+    assert [(p[0], p[1], p[2], p[3]) for p in pieces] == [
+        (DEMO_DATA_TYPE, 1, [10], [raw]), ("", 1, [11], [b"\xff"]), ("other", 1, [12], [other])]
+    assert spread.get_key(FlinkRow(1, [10, 11], [raw, raw])) in (5, 7)
     descriptor = ModelDescriptor(name="m", dataType="t").SerializeToString()
-    assert model_key.get_key(descriptor) == "t" and model_key.get_key(b"") == ""
+    assert model_key.get_key(message(descriptor)) == "t" and model_key.get_key(message(b"")) == ""
     # a value that is not bytes: the parsers raise TypeError, which they do not expect
-    key = record_key.get_key(None)
-    assert key.startswith(FAILED_KEY) and key_failure(key).startswith("TypeError: ")
-    assert key_failure(model_key.get_key("text")).startswith("TypeError: ")
-    assert spread.get_key(None) == 5                 # the record is served anyway
+    [failed] = split.flat_map(FlinkRow(1, [10], [None]))
+    assert failed[0].startswith(FAILED_KEY) and key_failure(failed[0]).startswith("TypeError: ")
+    assert (failed[1], failed[2], failed[3]) == (1, [10], [None])   # the whole batch goes on
+    assert key_failure(model_key.get_key(message("text"))).startswith("TypeError: ")
+    assert spread.get_key(FlinkRow(1, [], [])) == 5                   # served anyway
     assert [c.metric("internal_errors") for c in contexts] == [1, 1, 1]
-    assert len(errors_of(caplog, "selecting the key of a record: TypeError")) == 1
+    assert len(errors_of(caplog, "splitting a batch by data type: TypeError")) == 1
     assert len(errors_of(caplog, "selecting the key of a model: TypeError")) == 1
-    assert len(errors_of(caplog, "selecting the spreading key of a record: TypeError")) == 1
+    assert len(errors_of(caplog, "selecting the spreading key of a batch: IndexError")) == 1
     assert key_failure(DEMO_DATA_TYPE) is None and key_failure("") is None and key_failure(5) is None
-    long = RecordDataType()
-    long.select = lambda raw: (_ for _ in ()).throw(ValueError("x" * 1000))
-    assert len(long.get_key(raw)) < 300              # the failure key is bounded
+    long = SplitByDataType()
+    long.select = lambda batch: (_ for _ in ()).throw(ValueError("x" * 1000))
+    assert len(long.flat_map(FlinkRow(1, [10], [raw]))[0][0]) < 300   # the failure key is bounded
 
 
 def test_the_keyed_join_dead_letters_what_arrives_under_a_failure_key(join, rows):
@@ -370,13 +337,14 @@ def test_the_keyed_join_dead_letters_what_arrives_under_a_failure_key(join, rows
     function, context = join
     raw = encode_record(rows[0])
     context.key = failure_key(RuntimeError("boom"))
-    [(tag, payload)] = list(function.process_element1(raw, context))
+    [(tag, payload)] = list(function.process_element1(batch_of([raw], first_offset=4), context))
     letter = DeadLetter.FromString(payload)
     assert tag is DEAD_LETTERS and letter.kind == DeadLetter.INTERNAL_ERROR and letter.raw == raw
     assert letter.exceptionType == "RuntimeError" and letter.sourceTopic == "mdata"
-    assert letter.reason == "internal error selecting the key of a record: RuntimeError: boom"
+    assert letter.reason == "internal error splitting or keying a batch: RuntimeError: boom"
+    assert letter.sourceOffset == 4
     descriptor = ModelDescriptor(name="m", dataType=DEMO_DATA_TYPE).SerializeToString()
-    [(tag, payload)] = list(function.process_element2(descriptor, context))
+    [(tag, payload)] = list(function.process_element2(message(descriptor), context))
     letter = DeadLetter.FromString(payload)
     assert letter.kind == DeadLetter.INTERNAL_ERROR and letter.sourceTopic == "models"
     assert letter.reason == "internal error selecting the key of a model: RuntimeError: boom"
@@ -390,10 +358,10 @@ def test_a_result_that_fails_to_serialize_is_that_records_internal_error_only(ro
     runtime = FailsOn(rows[0].names, -999.0, RuntimeError("never"))
     bounded = server._bounded
 
-    def failing(result, record, model, micros):
+    def failing(payload, record, model, micros):
         if record.record_id == "r2":
             raise TypeError("not a float")
-        return bounded(result, record, model, micros)
+        return bounded(payload, record, model, micros)
     server._bounded = failing
     outcomes = server.serve([encode_record(r) for r in rows], model_of(runtime))
     assert [o.kind for o in outcomes] == [SCORED, SCORED, INTERNAL_ERROR, SCORED, SCORED, SCORED]
@@ -448,7 +416,7 @@ def test_failures_the_record_survives_are_counted_and_it_is_served(join, rows, m
     monkeypatch.setattr(function.metrics, "for_type",
                         lambda data_type: (_ for _ in ()).throw(RuntimeError("metrics bug")))
     raw = encode_record(rows[0])
-    results, letters = answers(function.process_element1(raw, context))
+    results, letters = answers(function.process_element1(batch_of([raw]), context))
     assert results == [rows[0].record_id] and letters == []
     # the metrics (per type, twice: the model gauge and the count), the statistics' publication
     assert context.metric("internal_errors") == 3
@@ -461,7 +429,7 @@ def test_a_model_that_fails_to_install_leaves_the_previous_one_in_state(join, ro
     runtime = FailsOn(rows[0].names, -999.0, RuntimeError("never"))
     models = {name.encode(): model_named(runtime, name) for name in ("first", "second")}
     monkeypatch.setattr(function.server, "build", lambda raw: models[raw])
-    assert list(function.process_element2(b"first", context)) == []
+    assert list(function.process_element2(message(b"first"), context)) == []
     install = function.server.install
 
     def failing_install(data_type, model):
@@ -469,7 +437,7 @@ def test_a_model_that_fails_to_install_leaves_the_previous_one_in_state(join, ro
             raise RuntimeError("install bug")
         return install(data_type, model)
     monkeypatch.setattr(function.server, "install", failing_install)
-    [(tag, payload)] = list(function.process_element2(b"second", context))
+    [(tag, payload)] = list(function.process_element2(message(b"second"), context))
     letter = DeadLetter.FromString(payload)
     assert letter.reason == "internal error installing a model: RuntimeError: install bug"
     assert letter.raw == b"second" and letter.exceptionType == "RuntimeError"
@@ -478,64 +446,51 @@ def test_a_model_that_fails_to_install_leaves_the_previous_one_in_state(join, ro
     assert function.server.current(DEMO_DATA_TYPE, "id-first", lambda: b"first").info.name == "first"
 
 
-def test_a_failing_batcher_loses_no_record_and_answers_each_once(batching_join, rows, caplog):
-    function, context = batching_join
-    raws = [encode_record(r) for r in rows]
-    batcher = function.batcher
-    add = batcher.add
-
-    def add_failing_on_third(key, raw, timers):
-        if raw == raws[2]:
-            batcher.pending.add(raw)               # into state, but not the batch in memory
-            raise RuntimeError("add bug")
-        return add(key, raw, timers)
-    batcher.add = add_failing_on_third
-    assert list(function.process_element1(raws[0], context)) == []
-    assert list(function.process_element1(raws[1], context)) == []
-    results, letters = answers(function.process_element1(raws[2], context))
-    assert results == [r.record_id for r in rows[:3]] and letters == []
-    assert function.batcher.pending.get() == []       # taken out of state: not answered again
-    assert errors_of(caplog, "batching a record: RuntimeError: add bug")
-
-    # a flush timer that fails: what is pending is taken the plain way, and a new timer goes
-    assert list(function.process_element1(raws[3], context)) == []
-    batcher.on_processing_timer = lambda key, timestamp: 1 / 0
-    context.domain = TimeDomain.PROCESSING_TIME
-    results, _ = answers(function.on_timer(100, context))
-    assert results == [rows[3].record_id] and errors_of(caplog, "flushing a batch: ZeroDivisionError")
-    timers = len(context.timers)
-    assert list(function.process_element1(raws[4], context)) == []
-    assert len(context.timers) == timers + 1
-    # the end of the input, likewise
-    batcher.on_end_of_input = lambda key: 1 / 0
-    context.domain = TimeDomain.EVENT_TIME
-    results, _ = answers(function.on_timer(2 ** 62, context))
-    assert results == [rows[4].record_id]
-    assert errors_of(caplog, "flushing a batch at the end of input: ZeroDivisionError")
-    assert context.metric("internal_errors") == 3
-
-
-def test_batches_that_cannot_be_formed_are_scored_record_by_record(batching_join, rows, monkeypatch):
-    function, context = batching_join
-    monkeypatch.setattr(function.batcher, "batches", lambda raws, data_type_of: 1 / 0)
+def test_a_batch_whose_data_types_cannot_be_read_is_answered_with_internal_errors(join, rows,
+                                                                               monkeypatch):
+    function, context = join
     raws = [encode_record(r) for r in rows[:4]]
-    outputs = [o for raw in raws for o in function.process_element1(raw, context)]
-    results, letters = answers(outputs)
-    assert results == [r.record_id for r in rows[:4]] and letters == []
-    assert context.metric("internal_errors") == 1
+    monkeypatch.setattr(function, "data_types", lambda key, records: 1 / 0)
+    results, letters = answers(function.process_element1(batch_of(raws, first_offset=10), context))
+    assert results == [] and [letter.raw for letter in letters] == raws
+    assert {letter.kind for letter in letters} == {DeadLetter.INTERNAL_ERROR}
+    assert letters[0].reason.startswith("internal error reading the data type of a record: "
+                                        "ZeroDivisionError")
+    assert [letter.sourceOffset for letter in letters] == [10, 11, 12, 13]
+    assert context.metric("internal_errors") == 4
 
 
-def test_a_record_whose_data_type_cannot_be_read_is_an_internal_error(batching_join, rows, monkeypatch):
-    function, context = batching_join
-    raws = [encode_record(r) for r in rows[:4]]
-    monkeypatch.setattr(function, "data_type_in",
-                        lambda key, raw: 1 / 0 if raw == raws[1] else key)
-    outputs = [o for raw in raws for o in function.process_element1(raw, context)]
-    results, [letter] = answers(outputs)
-    assert results == [rows[i].record_id for i in (0, 2, 3)]
-    assert letter.raw == raws[1] and letter.kind == DeadLetter.INTERNAL_ERROR
-    assert letter.reason.startswith("internal error reading the data type of a record: ZeroDivisionError")
-    assert context.metric("internal_errors") == 1
+def test_every_dead_letter_names_the_kafka_position_of_its_input(join, rows, monkeypatch):
+    """Records: their batch's partition and each record's own offset; models: their message's."""
+    function, context = join
+    model = model_of(FailsOn(rows[0].names, -999.0, RuntimeError("never")))
+    monkeypatch.setattr(function.server, "current", lambda data_type, model_id, stored: model)
+    raws = [encode_record(rows[0]), b"\xff\xfe garbage", encode_record(rows[1]), b"x" * 2_000_000]
+    results, letters = answers(function.process_element1(batch_of(raws, partition=3,
+                                                                  first_offset=500), context))
+    assert results == [rows[0].record_id, rows[1].record_id]
+    assert [(d.sourcePartition, d.sourceOffset) for d in letters] == [(3, 501), (3, 503)]
+    assert "record too large" in letters[1].reason and letters[1].rawSize == 2_000_000
+    bad_model = ModelDescriptor(name="m", dataType=DEMO_DATA_TYPE, modeltype=ModelType.ONNX,
+                                data=b"not onnx").SerializeToString()
+    [(tag, payload)] = list(function.process_element2(message(bad_model, 1, 77), context))
+    letter = DeadLetter.FromString(payload)
+    assert (letter.kind, letter.sourcePartition, letter.sourceOffset) == (DeadLetter.BAD_MODEL, 1, 77)
+
+
+def test_a_batch_is_scored_in_pieces_of_batch_max_size_in_order(rows, monkeypatch):
+    settings = Settings(state_topic="", batch_max_size=4)
+    function, context = KeyedServing(settings, {}), Context()
+    function.open(context)
+    runtime = FailsOn(rows[0].names, -999.0, RuntimeError("never"))
+    model = model_of(runtime)
+    monkeypatch.setattr(function.server, "current", lambda data_type, model_id, stored: model)
+    many = [Row(r.data_type, r.names, r.values, f"{r.record_id}-{i}") for i in range(2) for r in rows]
+    results, letters = answers(function.process_element1(batch_of([encode_record(r) for r in many]),
+                                                         context))
+    assert results == [r.record_id for r in many] and letters == []
+    assert runtime.calls == [4, 4, 4]
+    function.close()
 
 
 def test_the_last_line_stops_what_a_path_would_still_let_through(join, rows, monkeypatch, caplog):
@@ -544,21 +499,22 @@ def test_the_last_line_stops_what_a_path_would_still_let_through(join, rows, mon
     function, context = join
     raw = encode_record(rows[0])
 
-    def half_answered(ctx, key, record):
-        yield b"a result already out"
+    def half_answered(ctx, key, partition, offsets, records):
+        yield FlinkRow([b"a result already out"])
         raise RuntimeError("unguarded path")
-    monkeypatch.setattr(function, "on_record", half_answered)
-    outputs = list(function.process_element1(raw, context))
-    assert outputs[0] == b"a result already out"
+    monkeypatch.setattr(function, "on_batch", half_answered)
+    outputs = list(function.process_element1(batch_of([raw], first_offset=9), context))
+    assert outputs[0][0] == [b"a result already out"]
     letter = DeadLetter.FromString(outputs[1][1])
     assert outputs[1][0] is DEAD_LETTERS and letter.raw == raw and letter.kind == DeadLetter.INTERNAL_ERROR
-    assert letter.reason == "internal error handling a record: RuntimeError: unguarded path"
+    assert letter.reason == "internal error handling a batch: RuntimeError: unguarded path"
+    assert letter.sourceOffset == 9
 
     def failing(*args):
         raise RuntimeError("unguarded model path")
         yield
     monkeypatch.setattr(function, "on_model", failing)
-    [(tag, payload)] = list(function.process_element2(b"descriptor", context))
+    [(tag, payload)] = list(function.process_element2(message(b"descriptor"), context))
     letter = DeadLetter.FromString(payload)
     assert letter.reason == "internal error handling a model: RuntimeError: unguarded model path"
     assert letter.sourceTopic == "models" and letter.raw == b"descriptor"
