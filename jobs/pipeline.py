@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sysconfig
 from pathlib import Path
 from typing import Callable
 
@@ -99,9 +100,15 @@ def checkpoint_uri(location: str) -> str:
 def python_tuning(settings: Settings) -> dict[str, str]:
     """How Python functions run; the job sets these itself, so a local run and ``flink run``
     behave the same (the benchmark's results page gives the measured effect of each)."""
-    return {"python.execution-mode": settings.python_execution_mode,
-            "python.fn-execution.bundle.size": str(settings.bundle_size),
-            "python.fn-execution.bundle.time": str(settings.bundle_time_ms)}
+    tuning = {"python.execution-mode": settings.python_execution_mode,
+              "python.fn-execution.bundle.size": str(settings.bundle_size),
+              "python.fn-execution.bundle.time": str(settings.bundle_time_ms)}
+    if settings.python_execution_mode == "thread":
+        # the interpreter embedded in the JVM starts without the virtual environment's
+        # packages (pemja itself included) and without this project on its path
+        tuning["python.pythonpath"] = os.pathsep.join(
+            [sysconfig.get_paths()["purelib"], str(Path(__file__).resolve().parent.parent)])
+    return tuning
 
 
 def connector_jar(settings: Settings) -> Path | None:
