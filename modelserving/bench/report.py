@@ -428,6 +428,14 @@ def _bars(ax, results: dict, field: str, hatch_lower_bounds: bool, text) -> tupl
     return model_types, plotted
 
 
+def _pass_through_line(ax, results: dict, field: str, plotted: list[float]) -> None:
+    """The pass-through job's figure (it scores nothing) as a dashed line across the groups."""
+    value = _figure(_pass_through(results), field)
+    if value is not None and value > 0:
+        ax.axhline(value, color=SYSTEM_COLOURS[PASS_THROUGH], linestyle="--", label="pass-through (no scoring)")
+        plotted.append(value)
+
+
 def _bar_axes(ax, model_types: list[str], plotted: list[float], what: str, unit: str, title: str) -> None:
     if plotted and max(plotted) / min(plotted) > 50:
         ax.set_yscale("log")
@@ -445,11 +453,7 @@ def plot_throughput(results: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     model_types, plotted = _bars(ax, results, "throughput_rps", True, _compact)
-    pass_through_rate = _figure(_pass_through(results), "throughput_rps")
-    if pass_through_rate is not None and pass_through_rate > 0:
-        ax.axhline(pass_through_rate, color=SYSTEM_COLOURS[PASS_THROUGH], linestyle="--",
-                   label="pass-through (no scoring)")
-        plotted.append(pass_through_rate)
+    _pass_through_line(ax, results, "throughput_rps", plotted)
     _bar_axes(ax, model_types, plotted, "throughput", "records/s", "Highest sustainable rate")
     if plotted:
         ax.legend(fontsize=8, title=f"{AT_LEAST} hatched: input-limited" if _any_lower_bound(results) else None,
@@ -464,11 +468,7 @@ def plot_cpu(results: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     model_types, plotted = _bars(ax, results, "cpu_us_per_record", False, lambda v: f"{v:,.0f}")
-    pass_through_cpu = _figure(_pass_through(results), "cpu_us_per_record")
-    if pass_through_cpu is not None and pass_through_cpu > 0:
-        ax.axhline(pass_through_cpu, color=SYSTEM_COLOURS[PASS_THROUGH], linestyle="--",
-                   label="pass-through (no scoring)")
-        plotted.append(pass_through_cpu)
+    _pass_through_line(ax, results, field="cpu_us_per_record", plotted=plotted)
     _bar_axes(ax, model_types, plotted, "CPU", "CPU µs per record",
               "CPU per record at the highest sustainable rate (lower is better)")
     if plotted:

@@ -88,17 +88,18 @@ class PeerProcesses:
         self._logs = []
 
     def log_paths(self) -> list[Path]:
-        return [self.log_path if index == 0 else
-                self.log_path.with_name(f"{self.log_path.stem}-{index}{self.log_path.suffix}")
-                for index in range(len(self.popens))]
+        return [self._log_path(index) for index in range(len(self.popens))]
+
+    def _log_path(self, index: int) -> Path:
+        if index == 0:
+            return self.log_path
+        return self.log_path.with_name(f"{self.log_path.stem}-{index}{self.log_path.suffix}")
 
     def start(self) -> "PeerProcesses":
         env = {**os.environ, **self.settings.to_environ(), "PYTHONPATH": str(PROJECT_ROOT)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         for index, argv in enumerate(commands(self.name)):
-            path = self.log_path if index == 0 else self.log_path.with_name(
-                f"{self.log_path.stem}-{index}{self.log_path.suffix}")
-            log = open(path, "w")
+            log = open(self._log_path(index), "w")
             self._logs.append(log)
             self.popens.append(subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=log,
                                                 stderr=subprocess.STDOUT, env=env,

@@ -41,7 +41,7 @@ PRODUCER_CONFIG: dict = {"acks": "1", "enable.idempotence": False, "linger.ms": 
                          "message.max.bytes": MAX_MESSAGE_BYTES}
 #: librdkafka consumer settings: large fetches (a record may be up to the topics' limit), and
 #: a short broker-side wait when a partition is empty, so a lightly loaded peer answers soon.
-CONSUMER_CONFIG: dict = {"fetch.wait.max.ms": 5, "max.partition.fetch.bytes": MAX_MESSAGE_BYTES,
+CONSUMER_CONFIG: dict = {"max.partition.fetch.bytes": MAX_MESSAGE_BYTES,
                          "fetch.max.bytes": MAX_MESSAGE_BYTES,
                          "receive.message.max.bytes": MAX_MESSAGE_BYTES + 1024 * 1024}
 
