@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from modelserving.bench import (BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P, IN_PROCESS, JOBS, MODEL_TYPES,
-                                PASS_THROUGH, PEERS, PLAIN_LOOP, QUIX)
+from modelserving.bench import (BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P, IN_PROCESS, JOBS,
+                                KEYED_FOUR_TYPES, MODEL_TYPES, PASS_THROUGH, PEERS, PLAIN_LOOP, QUIX)
 
 NO_MODEL = "NONE"
 #: Table order: the jobs, then what they are compared with.
-SYSTEMS = (*JOBS, *PEERS, IN_PROCESS, PASS_THROUGH)
+SYSTEMS = (*JOBS, KEYED_FOUR_TYPES, *PEERS, IN_PROCESS, PASS_THROUGH)
 #: Systems drawn as bars (the pass-through job is a line: it scores nothing).
-BAR_SYSTEMS = (*JOBS, *PEERS, IN_PROCESS)
-# Formats the throughput and latency targets are promised for (PMML is too slow per record to count).
-TARGET_MODEL_TYPES = ("ONNX", "TENSORFLOWSAVED", "TENSORFLOW")
+BAR_SYSTEMS = (*JOBS, KEYED_FOUR_TYPES, *PEERS, IN_PROCESS)
+# The throughput and latency targets: formats and jobs they are promised for, and the goals.
+TARGET_MODEL_TYPES = ("ONNX", "TENSORFLOWSAVED")
+TARGET_JOBS = ("keyed", KEYED_FOUR_TYPES, "broadcast")
+P50_GOAL_MS, P99_GOAL_MS = 20.0, 50.0
 SWITCH_MODEL_TYPES = ("ONNX", "PMML")
 SWITCH_GOAL_MS = 1000.0
 DASH = "–"
@@ -110,7 +112,7 @@ def ratios(results: dict) -> list[dict]:
     """Each Flink job's throughput relative to the three baselines, per model type it ran."""
     pass_through_rate = _figure(_pass_through(results), "throughput_rps")
     rows = []
-    for job in JOBS:
+    for job in (*JOBS, KEYED_FOUR_TYPES):
         job_types = [entry.get("model_type") for entry in _entries(results) if entry.get("system") == job]
         for model_type in _in_order(job_types, MODEL_TYPES):
             rate = _figure(_entry(results, job, model_type), "throughput_rps")
@@ -138,21 +140,25 @@ def targets(results: dict) -> list[dict]:
 
 
 def _targets(results: dict) -> list[_Target]:
-    pass_through = _pass_through(results)
     found = []
     for model_type in TARGET_MODEL_TYPES:
-        keyed = _entry(results, "keyed", model_type)
-        found.append(_verdict("keyed throughput >= 2x plain loop", model_type, _ratio(
-            _figure(keyed, "throughput_rps"), _figure(_entry(results, PLAIN_LOOP, model_type), "throughput_rps")),
-            2.0, "x", at_most=False))
-    for model_type in TARGET_MODEL_TYPES:
-        found.append(_verdict("keyed throughput >= 0.5x pass-through", model_type, _ratio(
-            _figure(_entry(results, "keyed", model_type), "throughput_rps"),
-            _figure(pass_through, "throughput_rps")), 0.5, "x", at_most=False))
-    for model_type in TARGET_MODEL_TYPES:
-        found.append(_verdict("keyed p99 at half load <= 2x pass-through p99", model_type, _ratio(
-            _figure(_entry(results, "keyed", model_type), "p99_ms"), _figure(pass_through, "p99_ms")),
-            2.0, "x", at_most=True))
+        fastest_peer = max((rate for rate in (_figure(_entry(results, peer, model_type), "throughput_rps")
+                                              for peer in (QUIX, BYTEWAX)) if rate is not None), default=None)
+        loop = _figure(_entry(results, CONFLUENT_LOOP_2P, model_type), "throughput_rps")
+        for job in TARGET_JOBS:
+            entry = _entry(results, job, model_type)
+            if entry is None:
+                continue
+            rate = _figure(entry, "throughput_rps")
+            found += [
+                _verdict(f"{job} throughput >= fastest of Quix and bytewax", model_type,
+                         _ratio(rate, fastest_peer), 1.0, "x", at_most=False),
+                _verdict(f"{job} throughput >= 0.5x confluent-loop, 2 processes", model_type,
+                         _ratio(rate, loop), 0.5, "x", at_most=False),
+                _verdict(f"{job} p50 at half load <= 20 ms", model_type, _figure(entry, "p50_ms"),
+                         P50_GOAL_MS, "ms", at_most=True),
+                _verdict(f"{job} p99 at half load <= 50 ms", model_type, _figure(entry, "p99_ms"),
+                         P99_GOAL_MS, "ms", at_most=True)]
     switches = _switch_entries(results)
     for job in _in_order([entry.get("system") for entry in switches if entry.get("system")], JOBS):
         for model_type in SWITCH_MODEL_TYPES:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from jobs import JOB_MODULES
 from jobs.settings import Settings
-from modelserving.bench import JOBS, PASS_THROUGH, PEERS, SYSTEMS, cpu, workload
+from modelserving.bench import (DATA_TYPES_PER_SYSTEM, JOBS, KEYED_FOUR_TYPES, PASS_THROUGH, PEERS,
+                                 SYSTEMS, cpu, workload)
 from modelserving.bench.peers.launch import PeerProcesses, peer_versions
 from modelserving.bench.workload import RecordTemplate, ResultCollector, new_producer, produce, wait_for_trial
 from modelserving.demo.training import TrainedModel, demo_rows, descriptor_for, load_manifest, train_all
@@ -48,7 +49,8 @@ log = logging.getLogger("bench")
 
 #: Records of the first, short capacity probe.
 PROBE_RECORDS = 1000
-JOB_SYSTEMS = {**JOB_MODULES, PASS_THROUGH: "modelserving.bench.passthrough_job"}
+JOB_SYSTEMS = {**JOB_MODULES, KEYED_FOUR_TYPES: JOB_MODULES["keyed"],
+               PASS_THROUGH: "modelserving.bench.passthrough_job"}
 PASS_THROUGH_TYPE = "NONE"
 
 
@@ -59,11 +61,12 @@ class Plan:
     probe_s: float = 4.0           # aimed length of the capacity probe
     switches: int = 3              # model switches per job and format
     switch_rate: float = 200.0     # records/s flowing while models switch
+    soak_s: float = 60.0           # flat-out load before measuring, once per system
     quick: bool = False
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(runs=3, trial_s=2.5, probe_s=2.0, switches=3, quick=True)
+        return cls(runs=3, trial_s=2.5, probe_s=2.0, switches=3, soak_s=20.0, quick=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,13 @@ class System:
         else:
             self.process = JobProcess(JOB_SYSTEMS[self.name], self.job_settings(), self.log_path)
         self.process.start()  # assigned first, so stop() ends a process that never got ready
+
+    def data_types(self, model_type: str) -> list[str]:
+        """The data types this system's records carry for ``model_type``, each served by the
+        same model."""
+        count = DATA_TYPES_PER_SYSTEM.get(self.name, 1)
+        base = data_type_of(model_type)
+        return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
 
     def pids(self) -> list[int]:
         """The roots of the system's process trees (whose CPU it is charged)."""
@@ -267,6 +277,7 @@ class Bench:
             self.publish_models(system, formats)
             for model_type in formats:
                 self.warm_up(system, model_type)
+            self.soak(system, formats[0])
             for model_type in formats:
                 entry = self.measure(system, model_type, runs or self.plan.runs)
                 if name == "pass-through":
@@ -285,9 +296,10 @@ class Bench:
 
     def publish_models(self, system: System, formats, version: int = 1) -> None:
         for model_type in formats:
-            descriptor = descriptor_for(self.models[model_type], data_type=data_type_of(model_type))
-            descriptor.version = str(version)
-            self.send_model(system, descriptor)
+            for data_type in system.data_types(model_type):
+                descriptor = descriptor_for(self.models[model_type], data_type=data_type)
+                descriptor.version = str(version)
+                self.send_model(system, descriptor)
 
     def send_model(self, system: System, descriptor) -> None:
         descriptor.publishedMs = descriptor.publishedMs or int(time.time() * 1000)
@@ -300,7 +312,7 @@ class Bench:
         return f"t{self.trial_counter}{what}"
 
     def trial(self, system: System, model_type: str, count: int, rate: float) -> workload.Trial:
-        template = RecordTemplate(data_type_of(model_type), self.rows)
+        template = RecordTemplate(system.data_types(model_type), self.rows)
         meter = cpu.Meter(system.pids()).start()
         sent = produce(self.producer, system.data_topic, template, self.next_trial(model_type[:2]),
                        max(count, 40), rate)
@@ -321,6 +333,18 @@ class Bench:
             log.info("%s %s: warming up (%d/%d results)", system.name, model_type,
                      trial.received, trial.sent.count)
         raise RuntimeError(f"{system.name} returned no complete trial for {model_type} in 240 s")
+
+    def soak(self, system: System, model_type: str) -> None:
+        """Flat-out load for ``plan.soak_s`` before any figure is taken. A job's JVM keeps
+        JIT-compiling for a minute or more under load (its throughput still climbs after
+        60 s), so a figure taken right after the first whole trial measures the compiler."""
+        started, count = time.monotonic(), PROBE_RECORDS
+        while time.monotonic() - started < self.plan.soak_s:
+            system.check_alive()
+            trial = self.trial(system, model_type, count, 0)
+            # about two seconds of output per trial, so a slow system is not flooded
+            count = max(PROBE_RECORDS, int(2 * (trial.output_rate() or 0)))
+        log.info("%s: soaked %.0f s under load", system.name, time.monotonic() - started)
 
     def measure(self, system: System, model_type: str, runs: int) -> dict:
         plan = self.plan

@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from confluent_kafka import Consumer, Producer
 
@@ -33,15 +34,17 @@ def result_topic_configs() -> dict[str, str]:
 
 
 class RecordTemplate:
-    """Encodes records of one data type quickly: one prepared message, new ts and id each time."""
+    """Encodes records quickly: prepared messages, new ts and id each time. With several
+    data types, consecutive records cycle through them."""
 
-    def __init__(self, data_type: str, rows: list[dict[str, float]]):
-        self.data_type = data_type
+    def __init__(self, data_types: str | Sequence[str], rows: list[dict[str, float]]):
+        self.data_types = (data_types,) if isinstance(data_types, str) else tuple(data_types)
         self._messages = []
         for features in rows:
-            message = DataRecord(dataType=data_type)
-            message.features.update(features)
-            self._messages.append(message)
+            for data_type in self.data_types:
+                message = DataRecord(dataType=data_type)
+                message.features.update(features)
+                self._messages.append(message)
 
     def encode(self, index: int, record_id: str, ts_ms: int) -> bytes:
         message = self._messages[index % len(self._messages)]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from modelserving.bench import BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P, PEERS, PLAIN_LOOP, QUIX, SYSTEMS
+from modelserving.bench import JOBS, BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P, PEERS, PLAIN_LOOP, QUIX, SYSTEMS
 from modelserving.bench.peers import launch
 from modelserving.bench.peers.scoring import ModelTable, score
 from protos import DataRecord, ModelDescriptor, ModelType, ServingResult
@@ -107,7 +107,8 @@ def test_a_new_model_replaces_and_closes_the_old(tmp_path):
 
 def test_every_peer_is_a_system_measured_after_the_jobs():
     assert PEERS == (PLAIN_LOOP, QUIX, BYTEWAX, CONFLUENT_LOOP, CONFLUENT_LOOP_2P)
-    assert SYSTEMS.index(PLAIN_LOOP) == 2 and set(PEERS) <= set(SYSTEMS)
+    assert set(PEERS) <= set(SYSTEMS)
+    assert min(SYSTEMS.index(peer) for peer in PEERS) > max(SYSTEMS.index(job) for job in JOBS)
 
 
 def test_commands_of_each_peer(tmp_path, monkeypatch):
