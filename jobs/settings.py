@@ -86,6 +86,28 @@ class Settings:
     max_result_bytes: int = _setting(
         1024 * 1024, "largest serialized ServingResult; a bigger one (a model with a huge "
         "output) becomes a dead letter \"result too large (N bytes > limit)\" instead")
+    model_servers: tuple[str, ...] = _setting(
+        tuple, "model servers an EXTERNAL model may be served from: base URLs or URL prefixes "
+        "(comma-separated, http or https, e.g. http://127.0.0.1:8080); a descriptor naming any "
+        "other server is refused, and none configured refuses every EXTERNAL model")
+    model_server_token: str = _setting(
+        "", "bearer token sent to the model servers (Authorization header): give it in the "
+        "environment (MODELSERVING_MODEL_SERVER_TOKEN); refused on the command line", secret=True)
+    model_server_timeout_ms: int = _setting(
+        1000, "longest one call to a model server may take (connecting, retries and reading "
+        "included); a descriptor may ask for less, never more")
+    model_server_retries: int = _setting(
+        2, "new attempts after a connection error (refused, reset), 50 ms, 100 ms ... apart, "
+        "within the timeout")
+    model_server_max_in_flight: int = _setting(
+        4, "most calls at once to one model server from one Python worker")
+    model_server_breaker_failures: int = _setting(
+        3, "failed calls in a row after which a model's circuit opens: its records are then "
+        "dead-lettered at once (MODEL_UNAVAILABLE) while the server is probed in the background")
+    model_server_breaker_reset_ms: int = _setting(
+        2000, "how often an open circuit probes its model server (one row) to close again")
+    model_server_max_rows_per_call: int = _setting(
+        256, "most records in one call to a model server; a bigger batch is sent in several")
     spread_keys: int = _setting(
         1, "broadcast job: spreading keys per parallel instance (chosen so Flink routes them "
         "evenly); record batches are spread over the instances by these keys")
@@ -230,11 +252,29 @@ class Settings:
             if not 0 < getattr(self, name) <= 10 * 1024 * 1024:
                 raise SettingsError(f"{name} must be positive and at most 10 MiB (half the "
                                     f"topics' message limit), not {getattr(self, name)}")
+        self._validate_model_servers()
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
                   self.state_topic]
         topics = [t for t in topics if t]
         if len(set(topics)) != len(topics):
             raise SettingsError(f"data, models, results, dead-letter and state topics must differ: {topics}")
+
+    def _validate_model_servers(self) -> None:
+        from udfs.runtimes.endpoints import normalize_server_url  # one URL rule for both sides
+
+        for url in self.model_servers:
+            try:
+                normalize_server_url(url)
+            except ValueError as exc:
+                raise SettingsError(f"model_servers: {url!r} is not a server URL: {exc}") from None
+        for name in ("model_server_timeout_ms", "model_server_max_in_flight",
+                     "model_server_breaker_failures", "model_server_breaker_reset_ms",
+                     "model_server_max_rows_per_call"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.model_server_retries < 0:
+            raise SettingsError(f"model_server_retries must not be negative, not "
+                                f"{self.model_server_retries}")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

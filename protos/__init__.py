@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-_MESSAGES = ("DataRecord", "DeadLetter", "ModelDescriptor", "ModelStats", "ServingResult", "WineRecord")
+_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "ModelDescriptor", "ModelStats", "ServingResult",
+             "WineRecord")
 
 __all__ = [*_MESSAGES, "ModelType"]
 

@@ -57,3 +57,10 @@ class ResultTooLarge(RecordError):
 class RecordTooLarge(RecordError):
     """A record bigger than ``max_record_bytes``: refused on arrival, before it waits for its
     batch in Flink state (a checkpoint would carry it)."""
+
+
+class ModelUnavailable(RecordError):
+    """An EXTERNAL model's server gave no usable answer for a batch (down, slower than the
+    timeout, an error status, an unreadable answer, circuit open). The records are fine:
+    their dead letters say so (kind MODEL_UNAVAILABLE), and they are not scored again one
+    by one, since the server, not a record, failed."""

@@ -1,8 +1,8 @@
 """Model descriptors: parse, enforce the policies, and describe the model for results and logs.
 
 Policies are checked before any model library sees the model: the size limit, locations
-confined to the configured model directories (symlinks resolved first), and the presence of
-content. Format-specific checks (a PMML DOCTYPE, corrupt bytes) belong to the runtimes.
+confined to the configured model directories (symlinks resolved first), model servers
+confined to the configured ones (``model_servers``), and the presence of content. Format-specific checks (a PMML DOCTYPE, corrupt bytes) belong to the runtimes.
 """
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from google.protobuf.message import DecodeError
 from protos import ModelDescriptor, ModelType
 from udfs.errors import ModelRejected, UnknownModelType
 from udfs.runtimes.base import LoadRequest
+from udfs.runtimes.endpoints import (PROTOCOL_NAMES, TENSORFLOW_SERVING, Endpoint, ModelServers,
+                                     normalize_server_url, under_prefix)
+from udfs.runtimes.inference_protocols import V2_INPUT_DATATYPES
 
 #: Formats whose models are a directory, so they can only come by location.
 LOCATION_ONLY_TYPES = frozenset({ModelType.TENSORFLOWSAVED})
 #: Formats that take every feature by position (the others pick inputs by name).
-VECTOR_TYPES = frozenset({ModelType.TENSORFLOW, ModelType.TENSORFLOWSAVED, ModelType.ONNX})
+VECTOR_TYPES = frozenset({ModelType.TENSORFLOW, ModelType.TENSORFLOWSAVED, ModelType.ONNX,
+                          ModelType.EXTERNAL})
 
 
 @dataclass(frozen=True)
@@ -68,16 +72,20 @@ def describe(descriptor: ModelDescriptor, raw: bytes) -> ModelInfo:
 
 
 def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
-                 max_model_bytes: int, max_inline_model_bytes: int | None = None) -> LoadRequest:
+                 max_model_bytes: int, max_inline_model_bytes: int | None = None,
+                 servers: ModelServers | None = None) -> LoadRequest:
     """Check a descriptor against the policies and say what the runtime must load.
 
     Inline models are also bounded by ``max_inline_model_bytes``: their descriptor is what
-    Flink keeps in state, so big models must come by location."""
+    Flink keeps in state, so big models must come by location. An EXTERNAL model's server
+    must lie under one of ``servers.allowed``."""
     who = dict(name=descriptor.name, version=descriptor.version, data_type=descriptor.dataType)
     if descriptor.modeltype not in ModelType.values():
         raise UnknownModelType(f"unknown model type {descriptor.modeltype}; supported: "
                                f"{', '.join(ModelType.keys())}", **who)
     content = descriptor.WhichOneof("MessageContent")
+    if descriptor.modeltype == ModelType.EXTERNAL or content == "server":
+        return _external_request(descriptor, content, servers or ModelServers(), who)
     data, location = None, None
     if content is None:
         raise ModelRejected("descriptor has neither data nor location", **who)
@@ -106,6 +114,60 @@ def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
                        input_features=tuple(descriptor.inputFeatures),
                        signature=descriptor.signature,
                        class_labels=tuple(descriptor.classLabels))
+
+
+def _external_request(descriptor: ModelDescriptor, content: str | None, servers: ModelServers,
+                      who: dict) -> LoadRequest:
+    if descriptor.modeltype != ModelType.EXTERNAL:
+        raise ModelRejected(f"'server' names a model server, which only EXTERNAL models have "
+                            f"(this one is {ModelType.Name(descriptor.modeltype)})", **who)
+    if content != "server":
+        raise ModelRejected("an EXTERNAL model needs 'server' (its model server), not "
+                            f"{content or 'nothing'}", **who)
+    server = descriptor.server
+    if server.protocol not in PROTOCOL_NAMES:
+        raise ModelRejected(f"unknown model server protocol {server.protocol} (known: "
+                            f"{', '.join(f'{n}={p}' for p, n in PROTOCOL_NAMES.items())})", **who)
+    model = server.model or descriptor.name
+    if not model:
+        raise ModelRejected("an EXTERNAL model needs the model's name on its server "
+                            "(server.model or name)", **who)
+    datatype = server.inputDatatype or "FP64"
+    if datatype not in V2_INPUT_DATATYPES:
+        raise ModelRejected(f"server.inputDatatype must be one of {', '.join(V2_INPUT_DATATYPES)}, "
+                            f"not {datatype!r}", **who)
+    if server.timeoutMs < 0:
+        raise ModelRejected(f"server.timeoutMs must not be negative ({server.timeoutMs})", **who)
+    timeout_s = servers.timeout_s
+    if server.timeoutMs:   # a descriptor may shorten the job's timeout, never lengthen it
+        timeout_s = min(timeout_s, server.timeoutMs / 1000)
+    endpoint = Endpoint(url=confined_server(server.url, servers, who), protocol=server.protocol,
+                        model=model, model_version=server.modelVersion, timeout_s=timeout_s,
+                        input_name=server.inputName, input_datatype=datatype,
+                        outputs=tuple(server.outputs),
+                        signature=descriptor.signature if server.protocol == TENSORFLOW_SERVING
+                        else "")
+    return LoadRequest(name=descriptor.name, version=descriptor.version,
+                       data_type=descriptor.dataType, model_type=descriptor.modeltype,
+                       input_features=tuple(descriptor.inputFeatures),
+                       signature=descriptor.signature,
+                       class_labels=tuple(descriptor.classLabels),
+                       extra={"endpoint": endpoint, "servers": servers})
+
+
+def confined_server(url: str, servers: ModelServers, who: dict) -> str:
+    """The normalized server URL; refused unless it lies under a configured model server."""
+    if not servers.allowed:
+        raise ModelRejected(f"model server {url!r} refused: no model servers are configured "
+                            f"(set model_servers)", **who)
+    try:
+        normalized = normalize_server_url(url)
+    except ValueError as exc:
+        raise ModelRejected(f"model server {url!r} refused: {exc}", **who) from None
+    if not under_prefix(normalized, servers.allowed):
+        raise ModelRejected(f"model server {url!r} is not one of the configured model servers "
+                            f"({', '.join(servers.allowed)})", **who)
+    return normalized
 
 
 def confined_location(location: str, model_dirs: Sequence[Path], who: dict) -> Path:

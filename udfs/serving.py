@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from protos import DeadLetter, ServingResult
-from udfs.errors import ModelError, RecordError, RecordTooLarge, ResultTooLarge
+from udfs.errors import ModelError, ModelUnavailable, RecordError, RecordTooLarge, ResultTooLarge
 from udfs.failures import FailureLog, describe as describe_failure
 from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
 from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
 from udfs.runtimes import load_model
 from udfs.runtimes.base import ModelRuntime
+from udfs.runtimes.endpoints import ModelServers
 
 log = logging.getLogger("modelserving")
 
@@ -73,7 +74,8 @@ class ModelServer:
                  max_inline_model_bytes: int | None = None,
                  dead_letter_max_raw_bytes: int = DEAD_LETTER_MAX_RAW_BYTES,
                  max_result_bytes: int = MAX_RESULT_BYTES,
-                 max_record_bytes: int = MAX_RECORD_BYTES, failures: FailureLog | None = None):
+                 max_record_bytes: int = MAX_RECORD_BYTES, failures: FailureLog | None = None,
+                 model_servers: ModelServers | None = None):
         self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
         self.max_model_bytes = max_model_bytes
         self.max_inline_model_bytes = max_inline_model_bytes or max_model_bytes
@@ -84,6 +86,7 @@ class ModelServer:
         self.max_result_bytes = max_result_bytes
         self.max_record_bytes = max_record_bytes
         self.failures = failures or FailureLog(log)
+        self.model_servers = model_servers or ModelServers()
         self._cache: dict[str, LoadedModel] = {}
         self._broken: dict[str, tuple[str, ModelError]] = {}   # data type -> (model id, error)
 
@@ -96,7 +99,7 @@ class ModelServer:
         if descriptor.withdraw:
             return Withdrawal(info)
         request = load_request(descriptor, self.model_dirs, self.max_model_bytes,
-                               self.max_inline_model_bytes)
+                               self.max_inline_model_bytes, self.model_servers)
         runtime = load_model(request)
         return LoadedModel(info=info, raw=raw, runtime=runtime, since_ms=now_ms())
 
@@ -246,6 +249,9 @@ class ModelServer:
         if rows:
             try:
                 self._score(model, rows, scored, outcomes)
+            except ModelUnavailable as exc:   # the server failed, not a record: no one-by-one
+                for position, record in scored:
+                    outcomes[position] = self._bad_record(record.raw, exc, model, record.data_type)
             except Exception as exc:
                 if len(rows) == 1:
                     position, record = scored[0]
@@ -334,7 +340,9 @@ class ModelServer:
 
     def _bad_record(self, raw: bytes, error: RecordError, model: LoadedModel | None,
                     data_type: str) -> Outcome:
-        letter = self.dead_letter(DeadLetter.BAD_RECORD, raw, self.data_topic, str(error), error,
+        kind = (DeadLetter.MODEL_UNAVAILABLE if isinstance(error, ModelUnavailable)
+                else DeadLetter.BAD_RECORD)
+        letter = self.dead_letter(kind, raw, self.data_topic, str(error), error,
                                   data_type, model.info.name if model else "",
                                   model.info.version if model else "")
         return Outcome(BAD_RECORD, letter, data_type)

@@ -50,6 +50,7 @@ from udfs.flink.batches import BYTES, by_data_type, chunks, positions
 from udfs.flink.keys import ModelDataType, key_failure, subtask_index
 from udfs.flink.metrics import ServingMetrics
 from udfs.flink.publishing import StatsPublisher
+from udfs.runtimes.endpoints import ModelServers
 from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal
 
 log = logging.getLogger("modelserving")
@@ -97,7 +98,8 @@ class ServingJoin:
                                   dead_letter_max_raw_bytes=self.settings.dead_letter_max_raw_bytes,
                                   max_result_bytes=self.settings.max_result_bytes,
                                   max_record_bytes=self.settings.max_record_bytes,
-                                  failures=self.failures)
+                                  failures=self.failures,
+                                  model_servers=ModelServers.from_settings(self.settings))
         self.metrics = ServingMetrics(runtime_context, self.failures)
 
     def close(self):

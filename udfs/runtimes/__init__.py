@@ -23,6 +23,7 @@ _RUNTIMES: dict[int, tuple[str, str]] = {
     ModelType.TENSORFLOWSAVED: ("udfs.runtimes.tensorflow_saved", "TensorFlowSavedRuntime"),
     ModelType.PMML: ("udfs.runtimes.pmml", "PmmlRuntime"),
     ModelType.ONNX: ("udfs.runtimes.onnx_runtime", "OnnxRuntime"),
+    ModelType.EXTERNAL: ("udfs.runtimes.external", "ExternalRuntime"),
 }
 
 #: Every model type a runtime is registered for.
