@@ -10,6 +10,7 @@
     modelserving run keyed [settings]      a job on a local Flink (web UI on :8081)
     modelserving cluster|submit|jobs|savepoint|resume|cancel   a local Flink cluster
     modelserving state serve               the live model state over HTTP
+    modelserving mlserver start|stop       a local MLServer serving the demo model (EXTERNAL)
     modelserving jars fetch                the pinned jars (Kafka connector, Kafka broker)
     modelserving bench [--quick]           every system side by side (when installed)
 
@@ -29,7 +30,7 @@ from jobs.settings import SettingsError
 from modelserving.errors import ToolError, UsageError
 
 #: The command groups of this package; each module has ``register(subparsers)``.
-COMMAND_MODULES = ("kafka", "publish", "jobs", "cluster", "state", "demo")
+COMMAND_MODULES = ("kafka", "publish", "jobs", "cluster", "state", "demo", "mlserver")
 #: Entry-point group through which other packages add command groups (the benchmark does).
 PLUGIN_GROUP = "modelserving.commands"
 

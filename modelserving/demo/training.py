@@ -192,6 +192,28 @@ def export_pmml(pipeline, feature_names, class_labels, path: Path, *, model_name
     path.write_text(text, encoding="utf-8")
 
 
+# -- the model server's copy ----------------------------------------------------------------
+
+#: The demo model a model server (MLServer) serves: the ONNX model's pipeline, as joblib.
+SERVED_MODEL_NAME = "wine-cultivar-logreg"
+
+
+def export_for_model_server(out_dir: Path) -> Path:
+    """``model.joblib`` of the same fitted pipeline as ``wine-cultivar-logreg.onnx`` (same
+    data, split and seed, so the same coefficients) into ``out_dir``, for MLServer's
+    scikit-learn runtime. The file is a pickle: it is only ever loaded by the model server
+    the tooling starts, from this project's own var/ folder, never by a job."""
+    import joblib
+
+    data = demo_dataset()
+    X_train, _, y_train, _ = split(data)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.joblib"
+    joblib.dump(fit_logistic(X_train, y_train, C=1.0), path)
+    return path
+
+
 # -- all of it --------------------------------------------------------------------------------
 
 def train_all(out_dir: Path) -> list[TrainedModel]:
