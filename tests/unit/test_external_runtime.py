@@ -264,9 +264,10 @@ def test_dropped_connections_are_retried(logreg, v2_server):
     runtime = runtime_for(external(v2_server.url), servers(v2_server.url, retries=2))
     assert_same_predictions(runtime.score(rows(5)), embedded(logreg).score(rows(5)))
     assert len(v2_server.calls) == 3
-    v2_server.drop_next = 3
-    with pytest.raises(ModelUnavailable, match="could not be reached .*RemoteDisconnected"):
+    v2_server.mode = DROP   # every connection, also the kept-alive one (retried at once, free)
+    with pytest.raises(ModelUnavailable, match=r"could not be reached \(3 attempts.*RemoteDisconnected"):
         runtime.score(rows(5))
+    assert len(v2_server.calls) == 3 + 1 + 3
 
 
 def test_a_descriptor_cannot_lengthen_the_jobs_timeout(v2_server):

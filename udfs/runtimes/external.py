@@ -80,13 +80,21 @@ class ServerConnections:
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise CallTimeout(f"all {self.max_in_flight} connections to the server were busy")
         try:
-            connection = self._take()
+            connection = self._idle_connection()
+            if connection is not None:
+                try:
+                    return self._exchange(connection, path, body, headers, deadline)
+                except ConnectionProblem:   # the server closed it while idle: a fresh one
+                    connection.close()
+                except BaseException:
+                    connection.close()
+                    raise
+            connection = self._new_connection()
             try:
-                result = self._exchange(connection, path, body, headers, deadline)
+                return self._exchange(connection, path, body, headers, deadline)
             except BaseException:
                 connection.close()
                 raise
-            return result
         finally:
             self._slots.release()
 
@@ -116,10 +124,11 @@ class ServerConnections:
             self._give(connection)
         return response.status, answer
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _idle_connection(self) -> http.client.HTTPConnection | None:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            return self._idle.pop() if self._idle else None
+
+    def _new_connection(self) -> http.client.HTTPConnection:
         if self._https:
             return http.client.HTTPSConnection(self._host, self._port, context=self._tls)
         return http.client.HTTPConnection(self._host, self._port)
@@ -148,6 +157,7 @@ def _read_bounded(response: http.client.HTTPResponse, sock, deadline: float) -> 
         sock.settimeout(_left(deadline))
         chunk = response.read1(_READ_CHUNK)   # one receive: read() would wait for all of it
         if not chunk:
+            response.close()   # read to the end: the connection may carry the next call
             return b"".join(chunks)
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
