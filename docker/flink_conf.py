@@ -3,7 +3,7 @@
 ``python docker/flink_conf.py CONF_DIR`` writes ``CONF_DIR/config.yaml``: the
 distribution's Java 17 options, then the project's ``flink-conf/config.yaml``, then what a
 container needs instead of the file's localhost values (listen on every interface, the
-JobManager at ``$JOB_MANAGER_RPC_ADDRESS``, this container's own address for a TaskManager,
+JobManager at ``$JOB_MANAGER_RPC_ADDRESS``, a TaskManager's address found by Flink,
 state under ``/var/lib/modelserving``), then ``$FLINK_PROPERTIES`` (YAML, one ``key: value``
 a line, as with the official Flink images), which wins. The project's logging files go
 beside it. A Kubernetes pod does not run this: the operator mounts its own ConfigMap.
@@ -11,7 +11,6 @@ beside it. A Kubernetes pod does not run this: the operator mounts its own Confi
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,15 +30,16 @@ def container_configuration(environ: dict[str, str]) -> dict:
         "jobmanager.rpc.address": jobmanager,
         "jobmanager.bind-host": "0.0.0.0",
         "taskmanager.bind-host": "0.0.0.0",
-        "taskmanager.host": socket.gethostbyname(socket.gethostname()),
         "rest.address": jobmanager,
         "rest.bind-address": "0.0.0.0",
         "blob.server.port": "6124",
         "io.tmp.dirs": "/tmp",
         "env.log.dir": os.environ.get("FLINK_LOG_DIR", "/opt/flink/log"),
     })
-    for key in ("taskmanager.rpc.port", "taskmanager.data.port", "env.pid.dir"):
-        conf.pop(key, None)   # Flink's defaults: any free port, /tmp
+    # Flink's defaults: any free port, /tmp, and a TaskManager's address found by connecting
+    # to the JobManager (the container's own, whatever its hostname resolves to)
+    for key in ("taskmanager.host", "taskmanager.rpc.port", "taskmanager.data.port", "env.pid.dir"):
+        conf.pop(key, None)
     conf.update(yaml.safe_load(environ.get("FLINK_PROPERTIES") or "") or {})
     return conf
 

@@ -4,8 +4,9 @@ Waits for the session cluster's REST API at ``$JOB_MANAGER_RPC_ADDRESS:8081`` (u
 ``$SUBMIT_WAIT_S``, 300 s), then submits the job with ``flink run --detached -pym``, unless
 a job of the same name (setting ``job_name``, default ``modelserving-<job>``) is already
 running or restarting there: the compose stack's submitter runs again on every
-``compose up`` and must not start a second copy. The job's packages are installed in the
-image, so nothing is shipped with the job.
+``compose up`` and must not start a second copy. With ``$FROM_SAVEPOINT`` the job starts
+from that savepoint (an upgrade). The job's packages are installed in the image, so nothing
+is shipped with the job.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 0
     flink = os.path.join(os.environ["FLINK_HOME"], "bin", "flink")
+    savepoint = os.environ.get("FROM_SAVEPOINT", "")
     # "--" ends flink run's own options: the rest are the job's settings
     os.execv(flink, [flink, "run", "--detached", "--jobmanager", url.removeprefix("http://"),
+                     *(["--fromSavepoint", savepoint] if savepoint else []),
                      "--pyModule", f"jobs.{job}_job", "--", *argv])
     return 1
 
