@@ -74,7 +74,9 @@ def tf_serving_backend(saved_model_dir):
 # -- helpers ------------------------------------------------------------------------------------
 
 def servers(url: str, **limits) -> ModelServers:
-    return ModelServers(allowed=(normalize_server_url(url),), **limits)
+    """Limits for ``url``; a generous timeout unless a test is about timeouts, so that a
+    busy machine never turns another fault into a timeout."""
+    return ModelServers(allowed=(normalize_server_url(url),), **{"timeout_s": 30, **limits})
 
 
 def external(url: str, protocol=ExternalModel.OPEN_INFERENCE_V2, name="wine", **server) -> ModelDescriptor:
@@ -221,8 +223,7 @@ def test_tf_serving_results_equal_the_embedded_saved_model(trained_models):
 
 def test_concurrent_calls_share_the_connections_within_the_in_flight_bound(logreg, v2_server):
     v2_server.mode, v2_server.delay_s = SLOW, 0.05
-    runtime = runtime_for(external(v2_server.url), servers(v2_server.url, max_in_flight=2,
-                                                           timeout_s=30))
+    runtime = runtime_for(external(v2_server.url), servers(v2_server.url, max_in_flight=2))
     expected = embedded(logreg)
     batches = [rows(10, offset=10 * i) for i in range(12)]
     with ThreadPoolExecutor(6) as pool:
@@ -244,7 +245,7 @@ def test_concurrent_calls_share_the_connections_within_the_in_flight_bound(logre
 def test_each_fault_is_model_unavailable_with_its_reason(v2_server, mode, reason):
     v2_server.mode, v2_server.delay_s = mode, 0.5 if mode == SLOW else 0.02
     runtime = runtime_for(external(v2_server.url, timeoutMs=300),
-                          servers(v2_server.url, timeout_s=5))   # the descriptor's 300 ms applies
+                          servers(v2_server.url))   # the descriptor's 300 ms applies
     with pytest.raises(ModelUnavailable, match=reason) as caught:
         runtime.score(rows(30))
     assert f"Open Inference V2 model 'wine' at {v2_server.url}:" in str(caught.value) or \
