@@ -17,7 +17,7 @@ from pyflink.datastream import DataStream
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.batches import RESULT_BATCH
-from udfs.flink.joins import DEAD_LETTERS, MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing
+from udfs.flink.joins import MODEL_DESCRIPTORS, MODEL_IDS, BroadcastServing, dead_letters_of
 from udfs.flink.keys import SpreadKey, balanced_spread_keys
 
 JOB = "broadcast"
@@ -37,7 +37,7 @@ def build_pipeline(batches: DataStream, models: DataStream, settings: Settings,
         .connect(broadcast_models) \
         .process(serving, output_type=RESULT_BATCH) \
         .name("serve models (broadcast)").uid("broadcast-serving")
-    return results, results.get_side_output(DEAD_LETTERS)
+    return results, dead_letters_of(results)
 
 
 def main(argv: list[str] | None = None) -> None:

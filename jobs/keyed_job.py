@@ -15,7 +15,7 @@ from pyflink.datastream import DataStream
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.batches import DATA_TYPE_BATCH, RESULT_BATCH, SplitByDataType
-from udfs.flink.joins import DEAD_LETTERS, KeyedServing
+from udfs.flink.joins import KeyedServing, dead_letters_of
 from udfs.flink.keys import BatchDataType, ModelDataType
 
 JOB = "keyed"
@@ -39,7 +39,7 @@ def build_pipeline(batches: DataStream, models: DataStream, settings: Settings,
         .key_by(BatchDataType(), ModelDataType(), key_type=Types.STRING()) \
         .process(serving, output_type=RESULT_BATCH) \
         .name("serve models (keyed by data type)").uid("keyed-serving")
-    return results, results.get_side_output(DEAD_LETTERS)
+    return results, dead_letters_of(results)
 
 
 def main(argv: list[str] | None = None) -> None:

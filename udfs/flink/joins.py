@@ -35,6 +35,7 @@ import logging
 
 from pyflink.common import Row, Types
 from pyflink.datastream import (
+    DataStream,
     KeyedBroadcastProcessFunction,
     KeyedCoProcessFunction,
     OutputTag,
@@ -56,6 +57,15 @@ from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, With
 log = logging.getLogger("modelserving")
 
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
+
+
+def dead_letters_of(serving: DataStream) -> DataStream:
+    """The join's dead letters as the JVM emits them (bytes). PyFlink's ``get_side_output``
+    appends a Python identity map, a second embedded interpreter in the serving task: in
+    thread mode two thread states then share one OS thread, and the first
+    ``PyGILState_Ensure`` there (any pybind11 module's import, e.g. onnxruntime) waits for
+    the interpreter lock its own thread holds, forever (docs/benchmarks/README.md)."""
+    return DataStream(serving._j_data_stream.getSideOutput(DEAD_LETTERS.get_java_output_tag()))
 
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
 MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)

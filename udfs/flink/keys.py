@@ -9,8 +9,8 @@ Key selectors (and the keyed job's split of a batch by data type) run in Python 
 batch and model, in an operator of their own before the shuffle, where nothing can be
 dead-lettered; an exception there would restart the job. So they never raise: a failure of
 the project's own code is logged at ERROR with its stack trace (rate-limited, like every
-internal error), counted in ``modelserving.internal_errors`` of that operator, and the input
-gets a fallback key:
+internal error), counted in ``modelserving.internal_errors`` of that operator (a key
+selector's in ``modelserving.key.internal_errors``), and the input gets a fallback key:
 
 - keyed job (batches and models): the *failure key*, ``FAILED_KEY`` followed by the failure
   ("Type: message"). No data type starts with a NUL character. The join dead-letters
@@ -118,6 +118,10 @@ class Guarded:
     ``fallback`` gives the output instead."""
 
     where = "selecting a key"
+    #: Metric groups under ``modelserving`` the counter goes in. PyFlink fuses a function and
+    #: the key selector after it into one operator with one metric group, where two gauges of
+    #: one name collide (Flink reports the first only).
+    metric_groups: tuple[str, ...] = ()
 
     def __init__(self):
         self.internal_errors = 0
@@ -125,8 +129,10 @@ class Guarded:
 
     def open(self, runtime_context) -> None:
         try:
-            runtime_context.get_metrics_group().add_group("modelserving").gauge(
-                "internal_errors", lambda: self.internal_errors)
+            group = runtime_context.get_metrics_group().add_group("modelserving")
+            for name in self.metric_groups:
+                group = group.add_group(name)
+            group.gauge("internal_errors", lambda: self.internal_errors)
         except Exception as exc:   # a missing metric must not stop the job either
             self.failures.failed("registering the operator's metric", exc)
 
@@ -152,6 +158,8 @@ class Guarded:
 
 
 class GuardedKey(Guarded, KeySelector):
+    metric_groups = ("key",)
+
     def get_key(self, value):
         return self.guarded(value)
 
