@@ -6,7 +6,8 @@ in their own virtual environment, ``.venv-mlserver`` (``./dev setup`` builds it 
 ``requirements-mlserver.lock``; ``MODELSERVING_MLSERVER_VENV`` points elsewhere). Layout of
 the work directory (default ``var/mlserver``)::
 
-    settings.json                      server settings: loopback only, one port, no workers
+    settings.json                      server settings: loopback only, no worker processes
+                                       (``mlserver start <work directory>`` reads it there)
     models/<name>/model.joblib         the demo pipeline (trained here, never committed)
     models/<name>/model-settings.json  MLServer's scikit-learn runtime for it
     mlserver.log, mlserver.pid
@@ -131,7 +132,7 @@ class LocalMLServer:
             command = processes.cmdline(psutil.Process(pid))
         except psutil.Error:
             return False
-        return processes.is_alive(pid) and str(self.models_dir) in command
+        return processes.is_alive(pid) and "start" in command and str(self.workdir) in command
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -160,7 +161,7 @@ class LocalMLServer:
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
-                [str(self.executable), "start", str(self.models_dir)], cwd=self.workdir,
+                [str(self.executable), "start", str(self.workdir)], cwd=self.workdir,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         self.pid_file.write_text(f"{self._proc.pid}\n")
