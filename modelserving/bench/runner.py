@@ -311,7 +311,10 @@ class Bench:
         self.trial_counter += 1
         return f"t{self.trial_counter}{what}"
 
-    def trial(self, system: System, model_type: str, count: int, rate: float) -> workload.Trial:
+    def trial(self, system: System, model_type: str, count: int, rate: float,
+              scored: bool = True) -> workload.Trial:
+        """One trial; with ``scored``, a result that is not SCORED fails the measurement (a
+        model that did not load must not pass for a fast system)."""
         template = RecordTemplate(system.data_types(model_type), self.rows)
         meter = cpu.Meter(system.pids()).start()
         sent = produce(self.producer, system.data_topic, template, self.next_trial(model_type[:2]),
@@ -320,15 +323,18 @@ class Bench:
         trial = wait_for_trial(system.collector, sent, timeout)
         meter.stop()
         trial.cpu_s, trial.wall_s = meter.cpu_s, meter.wall_s
+        if scored and trial.unscored and system.name != PASS_THROUGH:
+            raise RuntimeError(f"{trial.unscored} of {trial.received} results were not scored "
+                               f"(no model serving): see {system.log_path.parent}")
         return trial
 
     def warm_up(self, system: System, model_type: str) -> None:
-        """Until a trial comes back whole: model loaded, Python workers and JIT warm."""
+        """Until a trial comes back whole and scored: model loaded, Python workers warm."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             system.check_alive()
-            trial = self.trial(system, model_type, 300, 300)
-            if trial.complete:
+            trial = self.trial(system, model_type, 300, 300, scored=False)
+            if trial.complete and (trial.unscored == 0 or system.name == PASS_THROUGH):
                 return
             log.info("%s %s: warming up (%d/%d results)", system.name, model_type,
                      trial.received, trial.sent.count)

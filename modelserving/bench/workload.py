@@ -137,6 +137,7 @@ class Trial:
     appended_ms: list[int] = field(default_factory=list)
     model_versions: dict[str, int] = field(default_factory=dict)
     received: int = 0
+    unscored: int = 0               # results that are not SCORED (no model was serving)
     cpu_s: float | None = None      # CPU of the system under test while the trial ran
     wall_s: float | None = None     # from the first record sent to the last result in
 
@@ -212,5 +213,6 @@ def wait_for_trial(collector: ResultCollector, sent: Sent, timeout_s: float) -> 
         trial.latencies_ms.append(float(appended - result.recordTs))
         key = f"{result.modelName}:{result.modelVersion}"
         trial.model_versions[key] = trial.model_versions.get(key, 0) + 1
+        trial.unscored += result.status != ServingResult.SCORED
     trial.received = len(by_index)
     return trial

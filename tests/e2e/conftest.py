@@ -48,14 +48,15 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def serving(request, kafka_broker, trained_models, tmp_path_factory):
-    """A running job with its own topics, a producer and a collector of its outputs."""
+    """A running job with its own topics, a producer and a collector of its outputs; the
+    test module's ``JOB_SETTINGS`` (if any) override the job's settings."""
     job = request.param.rsplit(".", 1)[-1]
     suffix = f"{job}-{uuid.uuid4().hex[:6]}"
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
     settings = settings_with_own_topics(
         kafka_broker.bootstrap, suffix, stats_interval_ms=1000, parallelism=2,
         checkpoint_interval_ms=2000, rest_port=0, model_dirs=(str(model_dir),),
-        max_model_bytes=MAX_MODEL_BYTES)
+        max_model_bytes=MAX_MODEL_BYTES, **getattr(request.module, "JOB_SETTINGS", {}))
     process = JobProcess(request.param, settings, tmp_path_factory.mktemp(job) / "job.log").start()
     producer = client.producer(settings)
     collector = Collector(settings)

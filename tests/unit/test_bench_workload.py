@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from modelserving.bench.profiling import summarize
-from modelserving.bench.workload import RecordTemplate, Sent, Trial
-from protos import DataRecord
+from modelserving.bench.workload import RecordTemplate, Sent, Trial, wait_for_trial
+from protos import DataRecord, ServingResult
 
 
 def trial_of(created: list[int], appended: list[int], count: int | None = None) -> Trial:
@@ -61,3 +61,26 @@ def test_profile_summary_attributes_samples_to_functions_and_areas():
     assert dict(map(tuple, summary["inclusive"]))["main (bench/plain_loop.py)"] == 100.0
     assert summary["areas"] == {"project code (parse, state, serialize)": 50.0,
                                 "model library (onnxruntime)": 30.0, "kafka-python": 20.0}
+
+
+class Results:
+    """What a results topic gave the collector: (append time, bytes), taken once."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def take(self):
+        items, self.items = self.items, []
+        return items
+
+
+def test_results_that_are_not_scored_are_counted_apart():
+    def result(i, status):
+        return ServingResult(status=status, recordId=f"t3-{i}", recordTs=100 + i, modelName="m",
+                             modelVersion="1").SerializeToString()
+    items = [(110, result(0, ServingResult.SCORED)), (111, result(1, ServingResult.NO_MODEL)),
+             (112, result(2, ServingResult.SCORED)), (113, result(0, ServingResult.SCORED)),
+             (114, result(9, ServingResult.SCORED).replace(b"t3-", b"t2-"))]   # a duplicate, another trial
+    trial = wait_for_trial(Results(items), Sent("t3", 3, 0.0, 1.0, 0.0), timeout_s=0)
+    assert (trial.received, trial.unscored, trial.complete) == (3, 1, True)
+    assert trial.model_versions == {"m:1": 3} and trial.latencies_ms == [10.0, 10.0, 10.0]

@@ -253,7 +253,7 @@ def test_the_join_dead_letters_a_model_it_fails_to_build_and_counts_it(join, mon
 def test_the_join_survives_failing_lookup_statistics_and_metrics(join, rows, monkeypatch):
     function, context = join
     monkeypatch.setattr(function, "model_lookup", lambda ctx, data_type: {}["missing"])
-    monkeypatch.setattr(function.stats, "get", lambda key: 1 / 0)            # statistics
+    monkeypatch.setattr(function.stats, "contains", lambda key: 1 / 0)       # statistics
     monkeypatch.setattr(function.publisher, "publish", lambda key, value: 1 / 0)
     raw = encode_record(rows[0])
     [(tag, payload)] = list(function.process_element1(batch_of([raw]), context))

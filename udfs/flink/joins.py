@@ -67,6 +67,16 @@ def dead_letters_of(serving: DataStream) -> DataStream:
     the interpreter lock its own thread holds, forever (docs/benchmarks/README.md)."""
     return DataStream(serving._j_data_stream.getSideOutput(DEAD_LETTERS.get_java_output_tag()))
 
+def stored_bytes(state) -> bytes | None:
+    """A bytes ``ValueState``'s value, None when empty. In thread mode PyFlink 2.2 converts
+    an empty bytes state as if it held an array and raises TypeError instead of returning
+    None (a map state's ``get`` of a missing key likewise: ask ``contains`` first)."""
+    try:
+        return state.value()
+    except TypeError:
+        return None
+
+
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
 MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)
 MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
@@ -244,7 +254,7 @@ class ServingJoin:
             self.survived("keeping statistics", exc, data_type)
 
     def _track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes) -> None:
-        raw = self.stats.get(data_type)
+        raw = self.stats.get(data_type) if self.stats.contains(data_type) else None
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
         changed = statistics.is_change(stats, model)
         if changed:
@@ -358,7 +368,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         self.descriptor = runtime_context.get_state(ValueStateDescriptor(MODEL_DESCRIPTOR, BYTES))
 
     def model_lookup(self, ctx, data_type):
-        return self.model_id.value(), self.descriptor.value
+        return self.model_id.value(), lambda: stored_bytes(self.descriptor)
 
     def data_types(self, key, records):
         return {key: list(range(len(records)))}
@@ -389,7 +399,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             return
         previous = None
         try:
-            previous = self.model_id.value(), self.descriptor.value()
+            previous = self.model_id.value(), stored_bytes(self.descriptor)
             self.install_keyed(data_type, model)
         except Exception as exc:
             self.restore_keyed(data_type, previous)
