@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
 # The project's install steps, in one place: `./dev setup` sources this file and calls its
-# functions; the job image (docker/Dockerfile) runs it directly:
-#
-#   scripts/setup.sh [--venv DIR] [--extras LIST] [--jars GROUP...]
-#
-# which makes DIR (default .venv) with the pinned Python dependencies of the project
-# (`pip install -c requirements.lock -e .[LIST]`, LIST empty for none), generates the
-# protobuf code and fetches the pinned jars of the groups named (default: all), checksums
-# verified. Nothing is done twice: a venv is reinstalled only when setup.py,
-# pyproject.toml or its lock file change, jars are fetched only when missing or wrong.
-# Needs Python 3.11 ($PYTHON, else python3.11, else python3) and Maven (the jars).
+# functions, and so does the job image's build (docker/Dockerfile), without the test and
+# benchmark extras and with only the connector jar. Nothing is done twice: a venv is
+# reinstalled only when setup.py, pyproject.toml or its lock file change, jars are fetched
+# only when missing or wrong. Needs Python 3.11 ($PYTHON, else python3.11, else python3)
+# and Maven (the jars).
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
@@ -60,19 +55,3 @@ generated_files() {
   "$venv/bin/python" -m protos.build >/dev/null
   "$venv/bin/python" -m modelserving.local.jars fetch "$@"
 }
-
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then
-  set -euo pipefail
-  cd "$(dirname "$0")/.."
-  venv=.venv extras=test,bench jars=()
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --venv) venv=$2; shift 2 ;;
-      --extras) extras=$2; shift 2 ;;
-      --jars) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do jars+=("$1"); shift; done ;;
-      *) log "scripts/setup.sh: unknown argument $1"; exit 2 ;;
-    esac
-  done
-  project_venv "$venv" "$extras"
-  generated_files "$venv" "${jars[@]}"
-fi

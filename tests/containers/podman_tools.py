@@ -11,6 +11,10 @@ This machine has no Docker engine and no image registry, and podman needs care h
   ``config.json``, with ``--cgroup-manager cgroupfs``: no resource limits apply;
 - the base image is Debian bookworm made with ``debootstrap --variant=minbase`` and imported
   (``localhost/modelserving-bookworm:minbase``), since no ``python:3.11-slim`` can be pulled;
+- this machine's HTTPS traffic goes through a proxy whose certificate authority only the
+  host trusts (``/usr/local/share/ca-certificates``); the images are built on
+  ``SITE_BASE_IMAGE``, the Debian base plus those certificates, so that pip and Maven in
+  the build (and the Debian packages' trust stores) accept it;
 - the third-party images of the compose stack cannot be pulled either; stand-ins are built
   from Debian packages and the project's pinned jars (``STAND_INS``): Kafka (the pinned
   Apache Kafka 4.4 jars, configured from ``KAFKA_*`` variables like the apache/kafka image)
@@ -33,6 +37,8 @@ from modelserving.paths import PROJECT_ROOT
 
 WORK = PROJECT_ROOT / "build" / "containers"
 BASE_IMAGE = "localhost/modelserving-bookworm:minbase"
+SITE_BASE_IMAGE = "localhost/modelserving-bookworm:site"
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 JOB_IMAGE = "localhost/modelserving-job:test"
 KAFKA_IMAGE = "localhost/modelserving-kafka-standin:test"
 PROMETHEUS_IMAGE = "localhost/modelserving-prometheus-standin:test"
@@ -93,7 +99,7 @@ RUN mkdir -p /var/lib/kafka/data && chown -R flink /var/lib/kafka && chmod 755 /
 USER flink
 ENTRYPOINT ["/opt/kafka/run"]
 """,
-    PROMETHEUS_IMAGE: f"""FROM {BASE_IMAGE}
+    PROMETHEUS_IMAGE: f"""FROM {SITE_BASE_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends prometheus \
     && rm -rf /var/lib/apt/lists/* && mkdir -p /prometheus && chown nobody /prometheus
 USER nobody
@@ -174,9 +180,20 @@ class Podman:
         return result
 
     def ensure_base_image(self) -> None:
-        """Debian bookworm (minbase) as a local image, made once per machine."""
-        if self.has_image(BASE_IMAGE):
-            return
+        """Debian bookworm (minbase) as a local image, made once per machine, and the
+        machine's certificate authorities on it (``SITE_BASE_IMAGE``)."""
+        if not self.has_image(BASE_IMAGE):
+            self._debootstrap_base_image()
+        context = self.work / "site-base"
+        shutil.rmtree(context, ignore_errors=True)
+        (context / "ca").mkdir(parents=True)
+        for cert in sorted(HOST_CA_DIR.glob("*.crt")) if HOST_CA_DIR.is_dir() else ():
+            shutil.copy2(cert, context / "ca" / cert.name)
+        (context / "Dockerfile").write_text(
+            f"FROM {BASE_IMAGE}\nCOPY ca/ /usr/local/share/ca-certificates/\n")
+        self.run(["build", "-t", SITE_BASE_IMAGE, str(context)], timeout=600)
+
+    def _debootstrap_base_image(self) -> None:
         rootfs = self.work / "rootfs"
         shutil.rmtree(rootfs, ignore_errors=True)
 
@@ -196,7 +213,7 @@ class Podman:
         with unchanged inputs a matter of seconds."""
         self._timed("job image build", lambda: self.run(
             ["build", "--network=host", "-f", "docker/Dockerfile", "--build-arg",
-             f"BASE={BASE_IMAGE}", "-t", JOB_IMAGE, "."], timeout=3600, cwd=PROJECT_ROOT))
+             f"BASE={SITE_BASE_IMAGE}", "-t", JOB_IMAGE, "."], timeout=3600, cwd=PROJECT_ROOT))
         context = self.work / "stand-ins"
         shutil.rmtree(context, ignore_errors=True)
         context.mkdir(parents=True)
