@@ -211,9 +211,11 @@ class Podman:
         """The job image from docker/Dockerfile on the Debian base, then the stand-ins.
         podman's layer cache (and the Dockerfile's pip and Maven cache mounts) make a build
         with unchanged inputs a matter of seconds."""
-        self._timed("job image build", lambda: self.run(
+        built = self._timed("job image build", lambda: self.run(
             ["build", "--network=host", "-f", "docker/Dockerfile", "--build-arg",
              f"BASE={SITE_BASE_IMAGE}", "-t", JOB_IMAGE, "."], timeout=3600, cwd=PROJECT_ROOT))
+        # which steps came from the cache, for whoever wonders why a build took long
+        (self.work / "job-image-build.log").write_text(built.stdout)
         context = self.work / "stand-ins"
         shutil.rmtree(context, ignore_errors=True)
         context.mkdir(parents=True)
