@@ -108,6 +108,9 @@ class Settings:
         2000, "how often an open circuit probes its model server (one row) to close again")
     model_server_max_rows_per_call: int = _setting(
         256, "most records in one call to a model server; a bigger batch is sent in several")
+    speculative_max_budget_ms: int = _setting(
+        10_000, "longest latency budget a speculative set may ask for; a set asking for more "
+        "is refused (dead letter)")
     spread_keys: int = _setting(
         1, "broadcast job: spreading keys per parallel instance (chosen so Flink routes them "
         "evenly); record batches are spread over the instances by these keys")
@@ -245,6 +248,9 @@ class Settings:
             raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
+        if self.speculative_max_budget_ms <= 0:
+            raise SettingsError(f"speculative_max_budget_ms must be positive, not "
+                                f"{self.speculative_max_budget_ms}")
         if self.max_record_bytes <= 0:
             raise SettingsError(f"max_record_bytes must be positive, not {self.max_record_bytes}")
         for name in ("dead_letter_max_raw_bytes", "max_result_bytes"):

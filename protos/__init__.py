@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "ModelDescriptor", "ModelStats", "ServingResult",
+             "SpeculativeModelStats", "SpeculativeOutcome", "SpeculativeSet",
              "WineRecord")
 
 __all__ = [*_MESSAGES, "ModelType"]

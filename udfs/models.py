@@ -21,6 +21,8 @@ from udfs.runtimes.endpoints import (PROTOCOL_NAMES, TENSORFLOW_SERVING, Endpoin
                                      normalize_server_url, under_prefix)
 from udfs.runtimes.inference_protocols import V2_INPUT_DATATYPES
 
+#: A modelId names a model; it is not a payload.
+MAX_MODEL_ID_CHARS = 128
 #: Formats whose models are a directory, so they can only come by location.
 LOCATION_ONLY_TYPES = frozenset({ModelType.TENSORFLOWSAVED})
 #: Formats that take every feature by position (the others pick inputs by name).
@@ -38,6 +40,7 @@ class ModelInfo:
     description: str
     model_type: int
     model_id: str          # digest of the descriptor bytes: identifies the model in state
+    declared_id: str = ""  # the descriptor's modelId: which of its data type's models it is
 
     @property
     def type_name(self) -> str:
@@ -45,7 +48,9 @@ class ModelInfo:
 
     def __str__(self) -> str:
         version = f" v{self.version}" if self.version else ""
-        return f"{self.type_name} model '{self.name}'{version} for data type '{self.data_type}'"
+        declared = f" (id '{self.declared_id}')" if self.declared_id else ""
+        return (f"{self.type_name} model '{self.name}'{version}{declared} for data type "
+                f"'{self.data_type}'")
 
 
 def model_id(raw: bytes) -> str:
@@ -68,7 +73,8 @@ def parse_descriptor(raw: bytes) -> ModelDescriptor:
 def describe(descriptor: ModelDescriptor, raw: bytes) -> ModelInfo:
     return ModelInfo(data_type=descriptor.dataType, name=descriptor.name,
                      version=descriptor.version, description=descriptor.description,
-                     model_type=descriptor.modeltype, model_id=model_id(raw))
+                     model_type=descriptor.modeltype, model_id=model_id(raw),
+                     declared_id=descriptor.modelId)
 
 
 def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
@@ -84,6 +90,9 @@ def load_request(descriptor: ModelDescriptor, model_dirs: Sequence[Path],
         raise UnknownModelType(f"unknown model type {descriptor.modeltype}; supported: "
                                f"{', '.join(ModelType.keys())}", **who)
     content = descriptor.WhichOneof("MessageContent")
+    if len(descriptor.modelId) > MAX_MODEL_ID_CHARS:
+        raise ModelRejected(f"modelId is {len(descriptor.modelId)} characters, over "
+                            f"{MAX_MODEL_ID_CHARS}", **who)
     if descriptor.modeltype == ModelType.EXTERNAL or content == "server":
         return _external_request(descriptor, content, servers or ModelServers(), who)
     data, location = None, None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from protos import DeadLetter, ServingResult
+from protos import DeadLetter, ServingResult, SpeculativeModelStats, SpeculativeOutcome
 from udfs.errors import ModelError, ModelUnavailable, RecordError, RecordTooLarge, ResultTooLarge
 from udfs.failures import FailureLog, describe as describe_failure
 from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
@@ -21,6 +21,8 @@ from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
 from udfs.runtimes import load_model
 from udfs.runtimes.base import ModelRuntime
 from udfs.runtimes.endpoints import ModelServers
+from udfs.speculative import (ANSWERED, MAX_BUDGET_MS, TIMED_OUT, Candidate, SetChange,
+                              SpeculativePlan, Speculator, decide, plan_of)
 
 log = logging.getLogger("modelserving")
 
@@ -75,7 +77,8 @@ class ModelServer:
                  dead_letter_max_raw_bytes: int = DEAD_LETTER_MAX_RAW_BYTES,
                  max_result_bytes: int = MAX_RESULT_BYTES,
                  max_record_bytes: int = MAX_RECORD_BYTES, failures: FailureLog | None = None,
-                 model_servers: ModelServers | None = None):
+                 model_servers: ModelServers | None = None,
+                 speculative_max_budget_ms: int = MAX_BUDGET_MS):
         self.model_dirs = tuple(Path(d).expanduser().resolve() for d in model_dirs)
         self.max_model_bytes = max_model_bytes
         self.max_inline_model_bytes = max_inline_model_bytes or max_model_bytes
@@ -87,14 +90,20 @@ class ModelServer:
         self.max_record_bytes = max_record_bytes
         self.failures = failures or FailureLog(log)
         self.model_servers = model_servers or ModelServers()
+        self.speculative_max_budget_ms = speculative_max_budget_ms
+        self.speculator = Speculator()
+        # cache key (a data type, or ``member_key`` of one of its models) -> loaded model
         self._cache: dict[str, LoadedModel] = {}
-        self._broken: dict[str, tuple[str, ModelError]] = {}   # data type -> (model id, error)
+        self._broken: dict[str, tuple[str, ModelError]] = {}   # cache key -> (model id, error)
+        self._plans: dict[str, SpeculativePlan] = {}           # set id -> parsed set
 
     # -- models -----------------------------------------------------------------------------
 
-    def build(self, raw: bytes) -> LoadedModel | Withdrawal:
+    def build(self, raw: bytes) -> LoadedModel | Withdrawal | SetChange:
         """Validate and load a descriptor without touching what is serving; raises ModelError."""
         descriptor = parse_descriptor(raw)
+        if descriptor.WhichOneof("MessageContent") == "speculative":
+            return plan_of(descriptor, raw, self.speculative_max_budget_ms)
         info = describe(descriptor, raw)
         if descriptor.withdraw:
             return Withdrawal(info)
@@ -103,15 +112,31 @@ class ModelServer:
         runtime = load_model(request)
         return LoadedModel(info=info, raw=raw, runtime=runtime, since_ms=now_ms())
 
-    def install(self, data_type: str, model: LoadedModel | None) -> LoadedModel | None:
-        """Make ``model`` current for ``data_type`` (None withdraws); close the replaced one."""
-        old = self._cache.pop(data_type, None)
-        self._broken.pop(data_type, None)
+    def install(self, key: str, model: LoadedModel | None) -> LoadedModel | None:
+        """Make ``model`` current under ``key`` (a data type, or one of its models' ``member_key``;
+        None withdraws); close the replaced one unless another key still serves it, and not
+        before it finishes a speculative batch it may still be scoring."""
+        old = self._cache.pop(key, None)
+        self._broken.pop(key, None)
         if model is not None:
-            self._cache[data_type] = model
-        if old is not None and old is not model:
-            _close_quietly(old)
+            self._cache[key] = model
+        if old is not None and all(kept is not old for kept in self._cache.values()):
+            self.speculator.retire(old.runtime, lambda: _close_quietly(old))
         return old
+
+    def keys_of(self, data_type: str) -> list[str]:
+        """The cache keys of ``data_type``'s models (itself and its members)."""
+        return [key for key in self._cache if key == data_type or key.startswith(data_type + "\x1f")]
+
+    def plan(self, raw: bytes, set_id: str) -> SpeculativePlan:
+        """The speculative set kept in state as ``raw``, parsed once per subtask."""
+        plan = self._plans.get(set_id)
+        if plan is None:
+            change = self.build(raw)
+            if not isinstance(change, SetChange) or change.plan is None:
+                raise ModelError("the speculative set in state is not a set")
+            plan = self._plans[set_id] = change.plan
+        return plan
 
     def current(self, data_type: str, model_id: str | None,
                 stored_descriptor: Callable[[], bytes | None]) -> LoadedModel | None:
@@ -210,7 +235,8 @@ class ModelServer:
                               sourceOffset=UNKNOWN).SerializeToString()
 
     def close(self) -> None:
-        for model in self._cache.values():
+        self.speculator.close()
+        for model in {id(model): model for model in self._cache.values()}.values():
             _close_quietly(model)
         self._cache.clear()
 
@@ -312,6 +338,7 @@ class ModelServer:
         info = model.info
         return ServingResult(status=ServingResult.SCORED, modelName=info.name,
                              modelVersion=info.version, modelType=info.model_type,
+                             modelId=info.declared_id,
                              classLabels=class_labels, scoringMicros=micros, servedMs=now_ms(),
                              subtask=self.subtask).SerializeToString()
 
@@ -323,6 +350,127 @@ class ModelServer:
                                    f"{self.max_result_bytes})")
             return self._bad_record(record.raw, error, model, record.data_type)
         return Outcome(SCORED, payload, record.data_type, micros)
+
+    # -- speculative execution --------------------------------------------------------------
+
+    def serve_speculative(self, raws: Iterable[bytes], plan: SpeculativePlan,
+                          members: Sequence[tuple[str, LoadedModel | None, str]],
+                          started: float | None = None
+                          ) -> tuple[list[Outcome], list[SpeculativeModelStats]]:
+        """Score records of one data type with every model of ``plan`` at once and decide
+        each record's answer (``udfs.speculative``). ``members``: per model of the set, in
+        order, (its id, the loaded model or None, why there is none). Returns the outcomes
+        in input order and the batch's figures per model. Never raises.
+
+        A record no model answered within the budget is dead-lettered as MODEL_UNAVAILABLE
+        with what each model did; one that every answering model refused, as BAD_RECORD."""
+        started = time.perf_counter() if started is None else started
+        outcomes: list[Outcome | None] = []
+        parsed: list[tuple[int, ParsedRecord]] = []
+        for raw in raws:
+            try:
+                record = parse_record(raw)
+                parsed.append((len(outcomes), record))
+                outcomes.append(None)
+            except RecordError as exc:
+                outcomes.append(self._bad_record(raw, exc, None, ""))
+            except Exception as exc:
+                outcomes.append(self.internal_error(raw, exc, "parsing a record"))
+        tally = [SpeculativeModelStats(modelId=model_id,
+                                       modelName=model.info.name if model else "",
+                                       modelVersion=model.info.version if model else "")
+                 for model_id, model, _ in members]
+        if not parsed:
+            return outcomes, tally   # type: ignore[return-value]
+        records = [record for _, record in parsed]
+        try:
+            answers = self.speculator.run(
+                [(model_id, model.runtime if model else None,
+                  (lambda model=model: self._predict(model, records)) if model else None,
+                  reason) for model_id, model, reason in members], plan.budget_ms, started)
+        except Exception as exc:   # our own code: the records are dead-lettered, never lost
+            for position, record in parsed:
+                outcomes[position] = self.internal_error(record.raw, exc, "speculative scoring",
+                                                         record.data_type)
+            return outcomes, tally   # type: ignore[return-value]
+        waited = int((time.perf_counter() - started) * 1e6)
+        loaded = [model for _, model, _ in members]
+        for index, (position, record) in enumerate(parsed):
+            try:
+                outcomes[position] = self._decided(record, index, plan, answers, loaded, tally,
+                                                   waited, len(records))
+            except Exception as exc:
+                outcomes[position] = self.internal_error(record.raw, exc, "deciding a speculative "
+                                                         "result", record.data_type)
+        return outcomes, tally   # type: ignore[return-value]
+
+    def _predict(self, model: LoadedModel, records: Sequence[ParsedRecord]) -> list:
+        """In the model's own thread: its prediction per record, or the reason (a string)
+        why the record does not fit the model."""
+        exact = model.info.model_type in VECTOR_TYPES
+        answers: list = []
+        rows, fitting = [], []
+        for index, record in enumerate(records):
+            try:
+                rows.append(feature_row(record, model.runtime.input_names, exact=exact))
+                fitting.append(index)
+                answers.append(None)
+            except RecordError as exc:
+                answers.append(str(exc))
+        if rows:
+            predictions = list(model.runtime.score(to_batch(rows, model.runtime.input_names)))
+            if len(predictions) != len(rows):
+                raise RuntimeError(f"{model.info} returned {len(predictions)} predictions for "
+                                   f"{len(rows)} records")
+            for index, prediction in zip(fitting, predictions):
+                answers[index] = prediction
+        return answers
+
+    def _decided(self, record: ParsedRecord, index: int, plan: SpeculativePlan, answers,
+                 loaded: list[LoadedModel | None], tally: list[SpeculativeModelStats],
+                 waited_micros: int, batch_size: int) -> Outcome:
+        candidates, answered, timed_out, failed, refusals = [], [], [], [], []
+        for rank, answer in enumerate(answers):
+            figures = tally[rank]
+            value = answer.predictions[index] if answer.status == ANSWERED else None
+            if value is not None and not isinstance(value, str):
+                candidates.append(Candidate(rank, answer.model_id, value))
+                answered.append(answer.model_id)
+                figures.answered += 1
+                figures.totalMillis += answer.millis
+                figures.maxMillis = max(figures.maxMillis, answer.millis)
+            elif answer.status == TIMED_OUT:
+                timed_out.append(answer.model_id)
+                figures.timeouts += 1
+            else:
+                why = value if isinstance(value, str) else answer.reason
+                (refusals if isinstance(value, str) else failed).append(f"{answer.model_id}: {why}")
+                figures.failures += 1
+        winner = decide(plan.decider, candidates)
+        if winner is None:
+            what = [f"{model_id}: no answer within {plan.budget_ms} ms" for model_id in timed_out]
+            what += failed + refusals
+            if refusals and not timed_out and not failed:
+                error: RecordError = RecordError(f"no model of the speculative set could score "
+                                                 f"the record: {'; '.join(what)}")
+            else:
+                error = ModelUnavailable(f"no model of the speculative set of data type "
+                                         f"'{plan.data_type}' answered: {'; '.join(what)}")
+            return self._bad_record(record.raw, error, None, record.data_type)
+        tally[winner.rank].wins += 1
+        model = loaded[winner.rank]
+        prediction = winner.prediction
+        micros = answers[winner.rank].millis * 1000 / batch_size
+        outcome = SpeculativeOutcome(decider=plan.decider, budgetMs=plan.budget_ms,
+                                     answered=answered, timedOut=timed_out,
+                                     failed=failed + refusals, waitedMicros=waited_micros)
+        payload = ServingResult(
+            dataType=record.data_type, recordId=record.record_id, recordTs=record.ts,
+            score=prediction.value, label=prediction.label,
+            probabilities=prediction.probabilities,
+            speculative=outcome).SerializeToString() + self._batch_fields(
+                model, prediction.class_labels, micros)
+        return self._bounded(payload, record, model, micros)
 
     def oversized(self, raw: bytes) -> Outcome | None:
         """The dead letter of a record over ``max_record_bytes``, else None: checked on

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from protos import ModelStats
+from protos import ModelStats, SpeculativeModelStats
 from udfs.serving import NO_MODEL, SCORED, LoadedModel, Outcome, now_ms
+from udfs.speculative import SpeculativePlan
 
 KEYED_PART = -1
 
@@ -60,6 +61,47 @@ def count(stats: ModelStats, outcomes: Iterable[Outcome]) -> None:
             stats.noModel += 1
         elif outcome.is_dead_letter:
             stats.deadLetters += 1
+
+
+def follow_set(stats: ModelStats, plan: SpeculativePlan | None) -> bool:
+    """Point the speculative figures at ``plan`` (None: none); True when that is a change.
+    A new set starts its models' figures from zero."""
+    if plan is None:
+        if not stats.HasField("speculative"):
+            return False
+        stats.ClearField("speculative")
+        del stats.speculativeModels[:]
+        return True
+    current = stats.speculative
+    if (stats.HasField("speculative") and tuple(current.models) == plan.models
+            and current.budgetMs == plan.budget_ms and current.decider == plan.decider):
+        return False
+    current.Clear()
+    current.models.extend(plan.models)
+    current.budgetMs, current.decider = plan.budget_ms, plan.decider
+    del stats.speculativeModels[:]
+    stats.speculativeModels.extend(SpeculativeModelStats(modelId=model) for model in plan.models)
+    return True
+
+
+def count_speculative(stats: ModelStats, tally: Iterable[SpeculativeModelStats],
+                      outcomes: Iterable[Outcome]) -> None:
+    """Add one speculative batch: its models' figures (matched by model id) and its dead
+    letters; the data type's own model's usage is not touched."""
+    models = {figures.modelId: figures for figures in stats.speculativeModels}
+    for batch in tally:
+        figures = models.get(batch.modelId)
+        if figures is None:
+            continue
+        if batch.modelName:
+            figures.modelName, figures.modelVersion = batch.modelName, batch.modelVersion
+        figures.answered += batch.answered
+        figures.wins += batch.wins
+        figures.timeouts += batch.timeouts
+        figures.failures += batch.failures
+        figures.totalMillis += batch.totalMillis
+        figures.maxMillis = max(figures.maxMillis, batch.maxMillis)
+    count(stats, [outcome for outcome in outcomes if outcome.kind != SCORED])
 
 
 def stamped(stats: ModelStats, subtask: int) -> bytes:

@@ -611,3 +611,59 @@ def test_spreading_keys_reach_every_instance_evenly(settings):
     assert set(where.values()) == {0, 1}
     spread = balanced_spread_keys(2, 2)
     assert len(spread) == 4 and sorted(where[k] for k in spread if k in where) == [0, 0, 1, 1]
+
+
+def named(model, model_id: str, data_type: str) -> bytes:
+    descriptor = descriptor_for(model, data_type=data_type)
+    descriptor.modelId = model_id
+    return descriptor.SerializeToString()
+
+
+def speculative_set(data_type: str, models: list[str], decider: int = 0, budget_ms: int = 5000,
+                    end: bool = False) -> bytes:
+    from protos import SpeculativeSet
+
+    descriptor = ModelDescriptor(name="set", dataType=data_type, withdraw=end)
+    descriptor.speculative.CopyFrom(SpeculativeSet(models=models, budgetMs=budget_ms,
+                                                   decider=decider))
+    return descriptor.SerializeToString()
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_speculative_set_scores_with_all_its_models_and_ending_it_restores_one_model(
+        job, trained_models, settings):
+    """Data type A: a CONFIDENCE set of a PMML and an ONNX model (named models coexist); each
+    result is the more confident model's answer and names both as answered. Data type B: the
+    same set, then its end: B is served by its latest model alone, without speculation."""
+    from protos import SpeculativeSet
+
+    rows = demo_rows()[:40]
+    spec = [Row("spec-a", r.names, r.values, "a" + r.record_id) for r in rows]
+    single = [Row("spec-b", r.names, r.values, "b" + r.record_id) for r in rows[:20]]
+    onnx, pmml = trained_models[ModelType.ONNX], trained_models[ModelType.PMML]
+    models = [named(onnx, "onnx", "spec-a"), named(pmml, "pmml", "spec-a"),
+              speculative_set("spec-a", ["pmml", "onnx"], SpeculativeSet.CONFIDENCE),
+              named(pmml, "pmml", "spec-b"), named(onnx, "onnx", "spec-b"),
+              speculative_set("spec-b", ["pmml", "onnx"]),
+              speculative_set("spec-b", ["pmml"], end=True)]
+    results, dead = run_job(job, [encode_record(r) for r in spec + single], models, settings)
+    assert dead == []
+    by_id = {r.recordId: r for r in results}
+    assert len(by_id) == len(spec) + len(single)
+    dirs = settings.resolved_model_dirs()
+    alone = {name: expected_predictions(models[index], spec, dirs)
+             for index, name in ((0, "onnx"), (1, "pmml"))}
+    for row in spec:
+        result = by_id[row.record_id]
+        confidence = {name: max(alone[name][row.record_id].probabilities) for name in alone}
+        winner = "onnx" if confidence["onnx"] > confidence["pmml"] else "pmml"
+        assert result.modelId == winner, (row.record_id, confidence)
+        assert result.label == alone[winner][row.record_id].label
+        assert list(result.speculative.answered) == ["pmml", "onnx"]
+        assert result.speculative.decider == SpeculativeSet.CONFIDENCE
+    # the ONNX model (listed second) is the more confident on these rows: not the preferred order
+    assert {by_id[r.record_id].modelId for r in spec} == {"onnx"}
+    for row in single:
+        result = by_id[row.record_id]
+        assert (result.modelId, result.modelType) == ("onnx", ModelType.ONNX)
+        assert not result.HasField("speculative")

@@ -43,9 +43,12 @@ from pyflink.datastream import (
 )
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
-from protos import DeadLetter, ModelStats
+import time
+
+from protos import DeadLetter, ModelDescriptor, ModelStats
 from udfs import statistics
 from udfs.errors import ModelError
+from udfs.models import model_id as digest_id
 from udfs.failures import FailureLog
 from udfs.flink.batches import BYTES, by_data_type, chunks, positions
 from udfs.flink.keys import ModelDataType, key_failure, subtask_index
@@ -53,6 +56,7 @@ from udfs.flink.metrics import ServingMetrics
 from udfs.flink.publishing import StatsPublisher
 from udfs.runtimes.endpoints import ModelServers
 from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal
+from udfs.speculative import SetChange, SpeculativePlan, member_key
 
 log = logging.getLogger("modelserving")
 
@@ -80,6 +84,18 @@ def stored_bytes(state) -> bytes | None:
 #: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
 MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)
 MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
+#: Broadcast state of the broadcast join: ``member_key(data type, modelId)`` -> descriptor bytes
+#: and -> model id of the models published with a modelId; data type -> speculative set bytes.
+MODEL_SLOTS = MapStateDescriptor("model-slots", Types.STRING(), BYTES)
+MODEL_SLOT_IDS = MapStateDescriptor("model-slot-ids", Types.STRING(), Types.STRING())
+SPECULATIVE_SETS = MapStateDescriptor("speculative-sets", Types.STRING(), BYTES)
+#: Keyed state of the keyed join, per data type: modelId -> descriptor bytes and -> model id
+#: of its models published with a modelId, and its speculative set's descriptor bytes.
+KEYED_MODEL_SLOTS = "model-slots"
+KEYED_MODEL_SLOT_IDS = "model-slot-ids"
+KEYED_SPECULATIVE_SET = "speculative-set"
+#: ``track``'s model argument when a batch says nothing of the data type's own model.
+UNCHANGED = object()
 #: Keyed state of both joins: data type -> ModelStats bytes (the key's share of the statistics).
 MODEL_STATS = "model-stats"
 #: Keyed state of both joins: processing time of the next statistics publication.
@@ -119,7 +135,8 @@ class ServingJoin:
                                   max_result_bytes=self.settings.max_result_bytes,
                                   max_record_bytes=self.settings.max_record_bytes,
                                   failures=self.failures,
-                                  model_servers=ModelServers.from_settings(self.settings))
+                                  model_servers=ModelServers.from_settings(self.settings),
+                                  speculative_max_budget_ms=self.settings.speculative_max_budget_ms)
         self.metrics = ServingMetrics(runtime_context, self.failures)
 
     def close(self):
@@ -160,6 +177,14 @@ class ServingJoin:
         """(model id, descriptor loader) of ``data_type`` as the join's state has them."""
         raise NotImplementedError
 
+    def speculative_lookup(self, ctx, data_type: str) -> bytes | None:
+        """The speculative set's descriptor bytes of ``data_type``, None when it has none."""
+        raise NotImplementedError
+
+    def member_lookup(self, ctx, data_type: str, declared_id: str):
+        """(model id, descriptor loader) of ``data_type``'s model published as ``declared_id``."""
+        raise NotImplementedError
+
     def data_types(self, key, records) -> dict[str, list[int]]:
         """Indexes of ``records`` per data type, in arrival order."""
         raise NotImplementedError
@@ -172,6 +197,7 @@ class ServingJoin:
         one. Records too large are dead-lettered unread; the others are scored per data type
         in pieces of at most ``batch_max_size``. A batch under a failure key (its split or key
         selector failed) is dead-lettered."""
+        started = time.perf_counter()   # a speculative budget counts from here
         where = positions(partition, offsets)
         failure = key_failure(key)
         if failure is not None:
@@ -191,11 +217,61 @@ class ServingJoin:
                         raw, exc, "reading the data type of a record")
         for data_type, indexes in groups.items():
             indexes = [index for index in indexes if outcomes[index] is None]
-            for piece in chunks(indexes, self.settings.batch_max_size):
-                for index, outcome in zip(piece, self.serve_batch(
-                        ctx, data_type, part, [records[index] for index in piece])):
-                    outcomes[index] = outcome
+            for index, outcome in zip(indexes, self.serve_group(
+                    ctx, data_type, part, [records[index] for index in indexes], started)):
+                outcomes[index] = outcome
         yield from self.answer(outcomes, where)
+
+    def serve_group(self, ctx, data_type: str, part: int, raws: list[bytes],
+                    started: float) -> list[Outcome]:
+        """The outcomes of a batch's records of one data type, in order: speculatively, all
+        at once, when the data type has a speculative set, else with its model in pieces of
+        at most ``batch_max_size``. Never raises."""
+        plan = None
+        try:
+            if data_type:
+                plan = self.speculative_plan(ctx, data_type)
+        except Exception as exc:
+            return [self.server.internal_error(raw, exc, "reading the speculative set", data_type)
+                    for raw in raws]
+        if plan is not None:
+            return self.serve_speculative(ctx, data_type, part, raws, plan, started)
+        outcomes: list[Outcome] = []
+        for piece in chunks(list(range(len(raws))), self.settings.batch_max_size):
+            outcomes.extend(self.serve_batch(ctx, data_type, part, [raws[i] for i in piece]))
+        return outcomes
+
+    def speculative_plan(self, ctx, data_type: str) -> SpeculativePlan | None:
+        raw = self.speculative_lookup(ctx, data_type)
+        return self.server.plan(raw, digest_id(raw)) if raw else None
+
+    def serve_speculative(self, ctx, data_type: str, part: int, raws: list[bytes],
+                          plan: SpeculativePlan, started: float) -> list[Outcome]:
+        """Every model of ``plan`` scores the records at once (``ModelServer.serve_speculative``);
+        a model of the set that is not installed, or fails to load, is reported as failed.
+        Never raises."""
+        try:
+            members = []
+            for declared in plan.models:
+                model_id, stored_descriptor = self.member_lookup(ctx, data_type, declared)
+                if not model_id:
+                    members.append((declared, None, f"no model '{declared}' is installed"))
+                    continue
+                try:
+                    members.append((declared, self.server.current(
+                        member_key(data_type, declared), model_id, stored_descriptor), ""))
+                except ModelError as exc:
+                    members.append((declared, None, f"failed to load: {exc}"))
+            outcomes, tally = self.server.serve_speculative(raws, plan, members, started)
+        except Exception as exc:   # ModelServer.serve_speculative never raises; the lookups might
+            return [self.server.internal_error(raw, exc, "serving a speculative batch", data_type)
+                    for raw in raws]
+        try:
+            self.metrics.speculative(data_type, tally)
+        except Exception as exc:
+            self.survived("updating the metrics", exc, data_type)
+        self.track(ctx, data_type, part, UNCHANGED, outcomes, (plan, tally))
+        return outcomes
 
     def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]) -> list[Outcome]:
         """The records' outcomes, in order; keeps statistics. Never raises: records the job's
@@ -245,23 +321,32 @@ class ServingJoin:
 
     # -- statistics ---------------------------------------------------------------------
 
-    def track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes=()) -> None:
+    def track(self, ctx, data_type: str, part: int, model, outcomes=(), speculative=None) -> None:
         """Update this key's statistics of ``data_type``; publish at once on a model change,
-        else when the periodic timer fires. Never raises: statistics must not stop serving."""
+        else when the periodic timer fires. ``model``: the data type's own model, or
+        ``UNCHANGED``; ``speculative``: (set, its figures for the batch) when it was scored
+        speculatively. Never raises: statistics must not stop serving."""
         try:
-            self._track(ctx, data_type, part, model, outcomes)
+            self._track(ctx, data_type, part, model, outcomes, speculative)
         except Exception as exc:
             self.survived("keeping statistics", exc, data_type)
 
-    def _track(self, ctx, data_type: str, part: int, model: LoadedModel | None, outcomes) -> None:
+    def _track(self, ctx, data_type: str, part: int, model, outcomes, speculative) -> None:
         raw = self.stats.get(data_type) if self.stats.contains(data_type) else None
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
-        changed = statistics.is_change(stats, model)
+        changed = model is not UNCHANGED and statistics.is_change(stats, model)
         if changed:
             if stats.hasModel:
                 self.publish(stats)  # the replaced model's final figures, for the history
             statistics.follow_model(stats, model)
-        statistics.count(stats, outcomes)
+        if speculative:
+            plan, tally = speculative
+            changed = statistics.follow_set(stats, plan) or changed
+            statistics.count_speculative(stats, tally, outcomes)
+        else:
+            if outcomes and stats.HasField("speculative"):   # served by one model again
+                changed = statistics.follow_set(stats, None) or changed
+            statistics.count(stats, outcomes)
         self.stats.put(data_type, stats.SerializeToString())
         if changed:
             self.publish(stats)
@@ -332,9 +417,50 @@ class ServingJoin:
     def on_model(self, raw: bytes, ctx):
         raise NotImplementedError
 
+    def install_descriptor(self, store: "ModelStore", data_type: str, model):
+        """Apply an accepted descriptor to the state, then to the cache: a model (it becomes
+        the data type's own model, and under its modelId one of its named models), a
+        withdrawal (of the named model; without a modelId, of every model and the speculative
+        set of the data type), or a speculative set change. Returns what the data type's own
+        model now is: the model, None, or UNCHANGED. Raises when the state or the swap fails
+        (the caller restores the state)."""
+        if isinstance(model, SetChange):
+            if model.plan is None:
+                store.clear_set()
+                log.info("speculative serving ended for data type '%s' (subtask %d)", data_type,
+                         self.subtask)
+            else:
+                store.put_set(model.plan.raw)
+                log.info("%s takes over (subtask %d)", model.plan, self.subtask)
+            return UNCHANGED
+        declared = model.info.declared_id
+        if isinstance(model, Withdrawal):
+            if not declared:
+                store.clear_all()
+                for key in self.server.keys_of(data_type):
+                    self.server.install(key, None)
+                self.installed(data_type, model)
+                return None
+            own = store.own_declared_id()
+            store.remove_slot(declared)
+            self.server.install(member_key(data_type, declared), None)
+            if own != declared:
+                log.info("model '%s' withdrawn for data type '%s' (subtask %d)", declared,
+                         data_type, self.subtask)
+                return UNCHANGED
+            store.clear_own()
+            self.installed(data_type, model)
+            return None
+        store.put_own(model.info.model_id, model.raw)
+        if declared:
+            store.put_slot(declared, model.info.model_id, model.raw)
+            self.server.install(member_key(data_type, declared), model)
+        self.installed(data_type, model)
+        return model
+
     def installed(self, data_type: str, model: LoadedModel | Withdrawal) -> None:
-        """Swap the cache after the state was updated, and say so. Raises only when the swap
-        fails (the caller restores the state); the metrics and the log line cannot fail it."""
+        """Swap the data type's own model in the cache after the state was updated, and say
+        so. Raises only when the swap fails; the metrics and the log line cannot fail it."""
         replaced = self.server.install(data_type, None if isinstance(model, Withdrawal) else model)
         try:
             if isinstance(model, Withdrawal):
@@ -349,6 +475,56 @@ class ServingJoin:
                 log.info("loaded %s (subtask %d)", model.info, self.subtask)
         except Exception as exc:
             self.survived("updating the metrics", exc, data_type)
+
+    def apply_model(self, store: "ModelStore", data_type: str, raw: bytes, model, report: bool):
+        """Install an accepted descriptor; when that fails, put the state back (the previous
+        model goes on serving) and return the internal error's dead letter (or None)."""
+        snapshot = None
+        try:
+            snapshot = store.snapshot(_declared_of(model))
+            return self.install_descriptor(store, data_type, model), None
+        except Exception as exc:
+            if snapshot is not None:
+                try:
+                    store.restore(snapshot)
+                except Exception as again:
+                    self.survived("restoring the model state", again, data_type)
+            return UNCHANGED, self.model_failed(raw, exc, "installing a model", report)
+
+
+def _declared_of(model) -> str:
+    return "" if isinstance(model, SetChange) else model.info.declared_id
+
+
+class ModelStore:
+    """Where a join keeps one data type's models: its own model (id and descriptor), its named
+    models (modelId -> id and descriptor) and its speculative set. ``snapshot``/``restore``
+    cover what installing one descriptor changes, except the named models a full withdrawal
+    removes."""
+
+    def own_declared_id(self) -> str:
+        raw = self.own_descriptor()
+        return ModelDescriptor.FromString(raw).modelId if raw else ""
+
+    def snapshot(self, declared: str):
+        slot = self.slot(declared) if declared else (None, None)
+        return self.own_id(), self.own_descriptor(), declared, slot, self.set_raw()
+
+    def restore(self, snapshot) -> None:
+        own_id, own_raw, declared, (slot_id, slot_raw), set_raw = snapshot
+        if own_id is None:
+            self.clear_own()
+        else:
+            self.put_own(own_id, own_raw)
+        if declared:
+            if slot_id is None:
+                self.remove_slot(declared)
+            else:
+                self.put_slot(declared, slot_id, slot_raw)
+        if set_raw is None:
+            self.clear_set()
+        else:
+            self.put_set(set_raw)
 
 
 def _data_type_of(stats) -> str:
@@ -366,9 +542,22 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         self.open_serving(runtime_context)
         self.model_id = runtime_context.get_state(ValueStateDescriptor(MODEL_ID, Types.STRING()))
         self.descriptor = runtime_context.get_state(ValueStateDescriptor(MODEL_DESCRIPTOR, BYTES))
+        self.slots = runtime_context.get_map_state(MapStateDescriptor(KEYED_MODEL_SLOTS, Types.STRING(), BYTES))
+        self.slot_ids = runtime_context.get_map_state(
+            MapStateDescriptor(KEYED_MODEL_SLOT_IDS, Types.STRING(), Types.STRING()))
+        self.speculative_set = runtime_context.get_state(ValueStateDescriptor(KEYED_SPECULATIVE_SET, BYTES))
+        self.store = KeyedModelStore(self)
 
     def model_lookup(self, ctx, data_type):
         return self.model_id.value(), lambda: stored_bytes(self.descriptor)
+
+    def speculative_lookup(self, ctx, data_type):
+        return stored_bytes(self.speculative_set)
+
+    def member_lookup(self, ctx, data_type, declared_id):
+        if not self.slot_ids.contains(declared_id):
+            return None, None
+        return self.slot_ids.get(declared_id), lambda: self.slots.get(declared_id)
 
     def data_types(self, key, records):
         return {key: list(range(len(records)))}
@@ -385,7 +574,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         yield from self.on_message(message, ctx)
 
     def on_model(self, raw, ctx):
-        """Install a model (or withdrawal) of the current key, or dead-letter it."""
+        """Install a model, withdrawal or speculative set of the current key, or dead-letter it."""
         data_type = ctx.get_current_key()
         failure = key_failure(data_type)
         if failure is not None:   # its key selector failed, and logged it
@@ -397,38 +586,61 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
         if model is None:
             yield DEAD_LETTERS, dead_letter
             return
-        previous = None
-        try:
-            previous = self.model_id.value(), stored_bytes(self.descriptor)
-            self.install_keyed(data_type, model)
-        except Exception as exc:
-            self.restore_keyed(data_type, previous)
-            yield DEAD_LETTERS, self.model_failed(raw, exc, "installing a model")
-            return
-        self.track(ctx, data_type, statistics.KEYED_PART, None if isinstance(model, Withdrawal) else model)
+        own, dead_letter = self.apply_model(self.store, data_type, raw, model, report=True)
+        if dead_letter is not None:
+            yield DEAD_LETTERS, dead_letter
+        elif own is not UNCHANGED:
+            self.track(ctx, data_type, statistics.KEYED_PART, own)
 
-    def install_keyed(self, data_type: str, model):
-        if isinstance(model, Withdrawal):
-            self.model_id.clear()
-            self.descriptor.clear()
-        else:
-            self.model_id.update(model.info.model_id)
-            self.descriptor.update(model.raw)
-        self.installed(data_type, model)
 
-    def restore_keyed(self, data_type: str, previous) -> None:
-        """Put back the state a failed installation changed: the previous model goes on
-        serving (the cache follows the state's model id, reloading it when it must)."""
-        if previous is None:
-            return
-        try:
-            for state, value in zip((self.model_id, self.descriptor), previous):
-                if value is None:
-                    state.clear()
-                else:
-                    state.update(value)
-        except Exception as exc:
-            self.survived("restoring the model state", exc, data_type)
+class KeyedModelStore(ModelStore):
+    """The keyed join's state of the current key (its data type)."""
+
+    def __init__(self, join: KeyedServing):
+        self.join = join
+
+    def own_id(self):
+        return self.join.model_id.value()
+
+    def own_descriptor(self):
+        return stored_bytes(self.join.descriptor)
+
+    def put_own(self, model_id, raw):
+        self.join.model_id.update(model_id)
+        self.join.descriptor.update(raw)
+
+    def clear_own(self):
+        self.join.model_id.clear()
+        self.join.descriptor.clear()
+
+    def slot(self, declared):
+        if not self.join.slot_ids.contains(declared):
+            return None, None
+        return self.join.slot_ids.get(declared), self.join.slots.get(declared)
+
+    def put_slot(self, declared, model_id, raw):
+        self.join.slot_ids.put(declared, model_id)
+        self.join.slots.put(declared, raw)
+
+    def remove_slot(self, declared):
+        if self.join.slot_ids.contains(declared):
+            self.join.slot_ids.remove(declared)
+            self.join.slots.remove(declared)
+
+    def set_raw(self):
+        return stored_bytes(self.join.speculative_set)
+
+    def put_set(self, raw):
+        self.join.speculative_set.update(raw)
+
+    def clear_set(self):
+        self.join.speculative_set.clear()
+
+    def clear_all(self):
+        self.clear_own()
+        self.join.slots.clear()
+        self.join.slot_ids.clear()
+        self.clear_set()
 
 
 class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
@@ -447,6 +659,16 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
         return model_id, lambda: descriptors.get(data_type)
 
+    def speculative_lookup(self, ctx, data_type):
+        sets = ctx.get_broadcast_state(SPECULATIVE_SETS)
+        return sets.get(data_type) if sets.contains(data_type) else None
+
+    def member_lookup(self, ctx, data_type, declared_id):
+        key, ids = member_key(data_type, declared_id), ctx.get_broadcast_state(MODEL_SLOT_IDS)
+        if not ids.contains(key):
+            return None, None
+        return ids.get(key), lambda: ctx.get_broadcast_state(MODEL_SLOTS).get(key)
+
     def data_types(self, key, records):
         return by_data_type(records)
 
@@ -462,56 +684,78 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         yield from self.on_message(message, ctx, report=self.subtask == 0)
 
     def on_model(self, raw, ctx):
-        """Install a model (or withdrawal) on this instance; instance 0 dead-letters a bad one."""
-        model, dead_letter = self.accept_model(raw, report=self.subtask == 0)
+        """Install a model, withdrawal or speculative set on this instance; instance 0
+        dead-letters a bad one."""
+        report = self.subtask == 0
+        model, dead_letter = self.accept_model(raw, report=report)
         if model is None:
             if dead_letter is not None:
                 yield DEAD_LETTERS, dead_letter
             return
-        previous = None
-        try:
-            previous = self.broadcast_entry(ctx, model.info.data_type)
-            self.install_broadcast(ctx, model)
-        except Exception as exc:
-            self.restore_broadcast(ctx, model, previous)
-            dead_letter = self.model_failed(raw, exc, "installing a model", self.subtask == 0)
-            if dead_letter is not None:
-                yield DEAD_LETTERS, dead_letter
+        data_type = model.data_type if isinstance(model, SetChange) else model.info.data_type
+        _, dead_letter = self.apply_model(BroadcastModelStore(ctx, data_type), data_type, raw,
+                                          model, report)
+        if dead_letter is not None:
+            yield DEAD_LETTERS, dead_letter
 
-    def broadcast_entry(self, ctx, data_type: str):
-        """(model id, descriptor) of ``data_type`` in broadcast state, (None, None) if none."""
-        ids, descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-        if not ids.contains(data_type):
+
+class BroadcastModelStore(ModelStore):
+    """The broadcast join's state of one data type."""
+
+    def __init__(self, ctx, data_type: str):
+        self.data_type = data_type
+        self.ids, self.descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
+        self.slot_ids, self.slots = ctx.get_broadcast_state(MODEL_SLOT_IDS), ctx.get_broadcast_state(MODEL_SLOTS)
+        self.sets = ctx.get_broadcast_state(SPECULATIVE_SETS)
+
+    def own_id(self):
+        return self.ids.get(self.data_type) if self.ids.contains(self.data_type) else None
+
+    def own_descriptor(self):
+        return self.descriptors.get(self.data_type) if self.descriptors.contains(self.data_type) else None
+
+    def put_own(self, model_id, raw):
+        self.ids.put(self.data_type, model_id)
+        self.descriptors.put(self.data_type, raw)
+
+    def clear_own(self):
+        _remove(self.ids, self.data_type)
+        _remove(self.descriptors, self.data_type)
+
+    def slot(self, declared):
+        key = member_key(self.data_type, declared)
+        if not self.slot_ids.contains(key):
             return None, None
-        return ids.get(data_type), descriptors.get(data_type)
+        return self.slot_ids.get(key), self.slots.get(key)
 
-    def install_broadcast(self, ctx, model):
-        data_type = model.info.data_type
-        ids, descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-        if isinstance(model, Withdrawal):
-            if ids.contains(data_type):
-                ids.remove(data_type)
-                descriptors.remove(data_type)
-        else:
-            ids.put(data_type, model.info.model_id)
-            descriptors.put(data_type, model.raw)
-        self.installed(data_type, model)
+    def put_slot(self, declared, model_id, raw):
+        key = member_key(self.data_type, declared)
+        self.slot_ids.put(key, model_id)
+        self.slots.put(key, raw)
 
-    def restore_broadcast(self, ctx, model, previous) -> None:
-        """Put back the broadcast state a failed installation changed (see ``restore_keyed``)."""
-        if previous is None:
-            return
-        try:
-            data_type = model.info.data_type
-            ids, descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-            model_id, descriptor = previous
-            if model_id is None:
-                if ids.contains(data_type):
-                    ids.remove(data_type)
-                if descriptors.contains(data_type):
-                    descriptors.remove(data_type)
-            else:
-                ids.put(data_type, model_id)
-                descriptors.put(data_type, descriptor)
-        except Exception as exc:
-            self.survived("restoring the model state", exc)
+    def remove_slot(self, declared):
+        key = member_key(self.data_type, declared)
+        _remove(self.slot_ids, key)
+        _remove(self.slots, key)
+
+    def set_raw(self):
+        return self.sets.get(self.data_type) if self.sets.contains(self.data_type) else None
+
+    def put_set(self, raw):
+        self.sets.put(self.data_type, raw)
+
+    def clear_set(self):
+        _remove(self.sets, self.data_type)
+
+    def clear_all(self):
+        self.clear_own()
+        prefix = member_key(self.data_type, "")
+        for key in [key for key in self.slot_ids.keys() if key.startswith(prefix)]:
+            _remove(self.slot_ids, key)
+            _remove(self.slots, key)
+        self.clear_set()
+
+
+def _remove(state, key: str) -> None:
+    if state.contains(key):
+        state.remove(key)

@@ -5,7 +5,9 @@ Names are part of the interface: ``modelserving.records_scored``, ``records_no_m
 own code: records and models dead-lettered as INTERNAL_ERROR, and failures serving survived,
 in statistics, metrics or batching), ``models_loaded``, ``scoring_micros``,
 and per data type ``modelserving.datatype.<type>.*`` plus ``model_version`` and
-``model_age_seconds``.
+``model_age_seconds``; for a data type served speculatively, per model of its set
+``modelserving.datatype.<type>.model.<modelId>.`` ``answered``, ``wins``, ``timeouts``,
+``failures`` and ``latency_ms`` (mean, batch start to its answer).
 
 Metrics never raise into the join: a failure to count is logged (rate-limited, with its stack
 trace) and counted in ``internal_errors``; a gauge that cannot be read reads -1 (PyFlink reads
@@ -37,6 +39,7 @@ class ServingMetrics:
         self.bad_models = _Count(self.group, "dead_letters_models")
         self.models_loaded = _Count(self.group, "models_loaded")
         self._per_type: dict[str, _Counters] = {}
+        self._per_member: dict[tuple[str, str], _MemberCounters] = {}
 
     def for_type(self, data_type: str) -> "_Counters":
         counters = self._per_type.get(data_type)
@@ -45,6 +48,16 @@ class ServingMetrics:
                                  per_type=True, failures=self.failures)
             self._per_type[data_type] = counters
         return counters
+
+    def speculative(self, data_type: str, tally) -> None:
+        """Add a speculative batch's figures per model (``SpeculativeModelStats``)."""
+        for figures in tally:
+            key = (data_type, figures.modelId)
+            counters = self._per_member.get(key)
+            if counters is None:
+                counters = self._per_member[key] = _MemberCounters(
+                    self.for_type(data_type).group.add_group("model", figures.modelId))
+            counters.add(figures)
 
     def count(self, outcomes) -> None:
         """Count a batch's outcomes; never raises (metrics must not stop serving): a failure
@@ -85,9 +98,30 @@ class _Count:
         self.value += n
 
 
+class _MemberCounters:
+    """One model of a speculative set."""
+
+    def __init__(self, group):
+        self.answered = _Count(group, "answered")
+        self.wins = _Count(group, "wins")
+        self.timeouts = _Count(group, "timeouts")
+        self.failures = _Count(group, "failures")
+        self._millis = 0.0
+        group.gauge("latency_ms", lambda: int(self._millis / self.answered.value)
+                    if self.answered.value else 0)   # cannot fail: a guarded division
+
+    def add(self, figures) -> None:
+        self.answered.inc(figures.answered)
+        self.wins.inc(figures.wins)
+        self.timeouts.inc(figures.timeouts)
+        self.failures.inc(figures.failures)
+        self._millis += figures.totalMillis
+
+
 class _Counters:
     def __init__(self, group, per_type: bool = False, failures: FailureLog | None = None):
         failures = failures or FailureLog(log)
+        self.group = group
         self.scored = _Count(group, "records_scored")
         self.no_model = _Count(group, "records_no_model")
         self.bad_records = _Count(group, "dead_letters_records")
