@@ -24,7 +24,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from protos import ModelStats
+from protos import ModelStats, SpeculativeSet
 from udfs.runtimes import type_name
 from udfs.statistics import KEYED_PART, stats_key
 
@@ -264,6 +264,7 @@ class ModelStateView:
             answer["model"] = {"name": current.modelName, "description": current.modelDescription,
                                "type": type_name(current.modelType), "version": current.modelVersion,
                                "id": current.modelId, "since_ms": since_ms, "since": iso(since_ms)}
+        answer["speculative"] = _speculative_json(stats)
         serving_what = {(s.modelId if s.hasModel else "") for s in stats}
         answer["jitter"] = len(serving_what) > 1
         answer["instances"] = [
@@ -273,6 +274,32 @@ class ModelStateView:
              "since_ms": s.sinceMs or None, "published_ms": s.publishedMs or None}
             for s in stats]
         return answer
+
+
+def _speculative_json(stats: list[ModelStats]) -> dict | None:
+    """The data type's speculative set (the most recently published one) and its models'
+    figures summed over the parts running that same set; None when it has none."""
+    with_set = [s for s in stats if s.HasField("speculative")]
+    if not with_set:
+        return None
+    latest = max(with_set, key=lambda s: s.publishedMs).speculative
+    running = [s for s in with_set if s.speculative == latest]
+    models = []
+    for index, model_id in enumerate(latest.models):
+        figures = [s.speculativeModels[index] for s in running
+                   if len(s.speculativeModels) > index and s.speculativeModels[index].modelId == model_id]
+        answered = sum(f.answered for f in figures)
+        named = next((f for f in figures if f.modelName), None)
+        models.append({
+            "model_id": model_id,
+            "model": model_label(named.modelName, named.modelVersion) if named else None,
+            "answered": answered, "wins": sum(f.wins for f in figures),
+            "timeouts": sum(f.timeouts for f in figures),
+            "failures": sum(f.failures for f in figures),
+            "mean_ms": round(sum(f.totalMillis for f in figures) / answered, 3) if answered else None,
+            "max_ms": round(max((f.maxMillis for f in figures), default=0.0), 3) if answered else None})
+    return {"decider": SpeculativeSet.Decider.Name(latest.decider), "budget_ms": latest.budgetMs,
+            "models": models}
 
 
 __all__ = ["DEFAULT_HISTORY_LIMIT", "HISTORY_KEPT", "ModelStateView", "iso", "model_label", "now_ms"]

@@ -15,7 +15,9 @@ from model_server_faults import GARBAGE, OK, SLOW, STATUS, FaultyModelServer, fo
 from modelserving.kafka import clients as client
 from modelserving.local.mlserver import LocalMLServer, mlserver_venv
 from modelserving.local.processes import free_port, free_port_range
-from protos import DataRecord, DeadLetter, ModelType, ServingResult
+from modelserving.demo.training import descriptor_for
+from protos import (DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult,
+                    SpeculativeSet)
 
 import jobs
 
@@ -137,3 +139,64 @@ def test_a_failing_server_gives_dead_letters_and_the_job_keeps_running(external_
         serving.send_model(mlserver.descriptor())
         name = mlserver.model_name
     serving.wait_until_serving(name, timeout_s=120)
+
+
+def speculative_set(data_type: str, models: list[str], budget_ms: int) -> ModelDescriptor:
+    descriptor = ModelDescriptor(name=f"set-{budget_ms}ms", dataType=data_type)
+    descriptor.speculative.CopyFrom(SpeculativeSet(models=models, budgetMs=budget_ms,
+                                                   decider=SpeculativeSet.PREFERRED))
+    return descriptor
+
+
+SLOW_S, SHORT_BUDGET_MS, LONG_BUDGET_MS = 0.6, 200, 4000
+
+
+def test_a_speculative_set_answers_within_its_budget_when_a_model_is_slower(
+        external_serving, mlserver, injector):
+    """A fast embedded model and MLServer made slower than the budget (0.6 s late, a 200 ms
+    budget; the external model listed first, so preferred): every record gets the fast
+    model's answer, the slow one reported as timed out, decided before the slow answer
+    could have come. With a budget above its latency, the slow model's answers win."""
+    serving = external_serving
+    data_type = f"spec-{uuid.uuid4().hex[:6]}"
+    fast = descriptor_for(serving.models[ModelType.ONNX], data_type=data_type)
+    fast.modelId = "fast"
+    slow = mlserver.descriptor(data_type, url=injector.url, timeout_ms=5000, name="wine-slow")
+    slow.modelId = "slow"
+    injector.mode = OK
+    try:
+        serving.send_model(fast)
+        serving.send_model(slow)
+        serving.wait_until_serving("wine-slow", data_type)   # the latest model serves alone
+        injector.mode, injector.delay_s = SLOW, SLOW_S
+        serving.send_model(speculative_set(data_type, ["slow", "fast"], SHORT_BUDGET_MS))
+        serving.wait_until(lambda r: r.speculative.budgetMs == SHORT_BUDGET_MS, data_type,
+                           what="a result of the short-budget set")
+        rows = serving.rows("spec-short", 40, data_type)
+        serving.send_records(rows)
+        results = serving.wait_for_ids(r.record_id for r in rows)
+        expected = expected_for(serving.models[ModelType.ONNX], rows)
+        for row in rows:
+            result = results[row.record_id]
+            assert (result.modelId, result.modelType) == ("fast", ModelType.ONNX), result
+            assert result.label == expected[row.record_id].label
+            assert list(result.speculative.answered) == ["fast"]
+            assert list(result.speculative.timedOut) == ["slow"]
+            # decided without waiting for the slow answer (which comes 600 ms after the call)
+            assert result.speculative.waitedMicros < SLOW_S * 1e6, result.speculative
+
+        serving.send_model(speculative_set(data_type, ["slow", "fast"], LONG_BUDGET_MS))
+        serving.wait_until(lambda r: r.speculative.budgetMs == LONG_BUDGET_MS and r.modelId == "slow",
+                           data_type, what="the slow model's answer within the long budget")
+        rows = serving.rows("spec-long", 20, data_type)
+        serving.send_records(rows)
+        results = serving.wait_for_ids(r.record_id for r in rows)
+        for row in rows:
+            result = results[row.record_id]
+            assert (result.modelId, result.modelType) == ("slow", ModelType.EXTERNAL), result
+            assert list(result.speculative.answered) == ["slow", "fast"]
+            assert result.speculative.waitedMicros >= SLOW_S * 1e6
+            assert result.label == expected[row.record_id.replace("long", "short")].label
+    finally:
+        injector.mode = OK
+    assert serving.process.rest(f"/jobs/{serving.process.job_id}")["state"] == "RUNNING"

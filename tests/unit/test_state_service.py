@@ -467,3 +467,34 @@ def test_cli_failures_are_one_line(no_settings_in_environment, capsys):
     assert "sasl_mechanism" in error and error.count("\n") == 1 and "Traceback" not in error
     assert main(["state", "serve", "--no-such-setting", "1"]) == 2
     assert "--no-such-setting" in capsys.readouterr().err
+
+
+def with_set(raw: bytes, figures: list[tuple], budget_ms=50, decider=1) -> bytes:
+    """``raw`` ModelStats with a speculative set of the models in ``figures``: (model id, name,
+    answered, wins, timeouts, failures, total ms, max ms)."""
+    from protos import SpeculativeModelStats, SpeculativeSet
+
+    message = ModelStats.FromString(raw)
+    message.speculative.CopyFrom(SpeculativeSet(models=[f[0] for f in figures], budgetMs=budget_ms,
+                                                decider=decider))
+    message.speculativeModels.extend(
+        SpeculativeModelStats(modelId=m, modelName=name, modelVersion="1", answered=a, wins=w,
+                              timeouts=t, failures=f, totalMillis=total, maxMillis=hi)
+        for m, name, a, w, t, f, total, hi in figures)
+    return message.SerializeToString()
+
+
+def test_speculative_figures_are_summed_over_the_parts_running_the_set(view):
+    view.ingest(key("broadcast", "wine", 0), with_set(stats(job="broadcast", part=0), [
+        ("fast", "lr", 10, 8, 0, 0, 20.0, 3.0), ("slow", "mlp", 4, 2, 6, 0, 160.0, 48.0)]))
+    view.ingest(key("broadcast", "wine", 1), with_set(stats(job="broadcast", part=1, subtask=1), [
+        ("fast", "lr", 30, 25, 0, 0, 30.0, 2.0), ("slow", "", 0, 0, 30, 5, 0.0, 0.0)]))
+    view.ingest(key("broadcast", "wine", 2), stats(job="broadcast", part=2))   # no set there
+    speculative = view.state("wine")["jobs"]["broadcast"]["speculative"]
+    assert speculative == {"decider": "CONSENSUS", "budget_ms": 50, "models": [
+        {"model_id": "fast", "model": "lr v1", "answered": 40, "wins": 33, "timeouts": 0,
+         "failures": 0, "mean_ms": 1.25, "max_ms": 3.0},
+        {"model_id": "slow", "model": "mlp v1", "answered": 4, "wins": 2, "timeouts": 36,
+         "failures": 5, "mean_ms": 40.0, "max_ms": 48.0}]}
+    view.ingest(key("keyed", "wine"), stats())
+    assert view.state("wine")["jobs"]["keyed"]["speculative"] is None

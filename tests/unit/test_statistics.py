@@ -112,3 +112,26 @@ def test_the_statistics_producer_gets_every_kafka_setting_the_job_computed(monke
     assert publisher._producer.sent == [("model-state", b"keyed/wine", b"stats")]
     StatsPublisher("", {"bootstrap_servers": "nowhere:1"}).publish("k", b"v")   # no topic: no producer
     assert len(made) == 1
+
+
+def test_a_speculative_set_counts_its_models_and_a_new_set_starts_from_zero():
+    from protos import SpeculativeModelStats
+    from udfs.speculative import SpeculativePlan
+
+    stats = statistics.new_stats("keyed", "wine", statistics.KEYED_PART, 0)
+    first = SpeculativePlan("wine", ("a", "b"), 50, 0, b"set-1", "s1")
+    assert statistics.follow_set(stats, first) is True
+    assert statistics.follow_set(stats, first) is False
+    batch = [SpeculativeModelStats(modelId="a", modelName="lr", answered=3, wins=3, totalMillis=6.0,
+                                   maxMillis=2.5),
+             SpeculativeModelStats(modelId="b", timeouts=2, failures=1)]
+    statistics.count_speculative(stats, batch, [])
+    statistics.count_speculative(stats, batch, [])
+    a, b = stats.speculativeModels
+    assert (a.modelName, a.answered, a.wins, a.totalMillis, a.maxMillis) == ("lr", 6, 6, 12.0, 2.5)
+    assert (b.timeouts, b.failures, stats.usage) == (4, 2, 0)
+    longer = SpeculativePlan("wine", ("a", "b"), 80, 0, b"set-2", "s2")
+    assert statistics.follow_set(stats, longer) is True
+    assert [m.answered for m in stats.speculativeModels] == [0, 0]
+    assert statistics.follow_set(stats, None) is True and not stats.HasField("speculative")
+    assert list(stats.speculativeModels) == []
