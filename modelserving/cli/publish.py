@@ -1,4 +1,4 @@
-"""``modelserving publish model|records`` and ``follow``: talking to the job's topics."""
+"""``modelserving publish model|speculative|records`` and ``follow``: talking to the job's topics."""
 from __future__ import annotations
 
 
@@ -24,14 +24,39 @@ def cmd_publish_model(args) -> int:
                         else trained.input_features if trained else ()),
         class_labels=(args.class_labels.split(",") if args.class_labels
                       else trained.class_labels if trained else ()))
+    descriptor.modelId = args.model_id
     producer = clients.producer(settings)
     try:
         clients.publish_model(producer, settings.models_topic, descriptor)
     finally:
         producer.close()
     how = f"location {descriptor.location}" if descriptor.location else f"{len(descriptor.data)} bytes inline"
-    print(f"published {type_name(descriptor.modeltype)} model '{descriptor.name}' "
+    named = f" as '{descriptor.modelId}'" if descriptor.modelId else ""
+    print(f"published {type_name(descriptor.modeltype)} model '{descriptor.name}'{named} "
           f"for data type '{descriptor.dataType}' ({how}) to {settings.models_topic}")
+    return 0
+
+
+def cmd_publish_speculative(args) -> int:
+    from modelserving.kafka import clients
+    from protos import ModelDescriptor, SpeculativeSet
+
+    settings = settings_of(args)
+    models = [m for m in (args.models or "").split(",") if m]
+    descriptor = ModelDescriptor(name=args.name, dataType=args.data_type, withdraw=args.end)
+    descriptor.speculative.CopyFrom(SpeculativeSet(
+        models=[] if args.end else models, budgetMs=args.budget_ms,
+        decider=SpeculativeSet.Decider.Value(args.decider.upper())))
+    producer = clients.producer(settings)
+    try:
+        clients.publish_model(producer, settings.models_topic, descriptor)
+    finally:
+        producer.close()
+    if args.end or not models:
+        print(f"published the end of speculative serving for data type '{args.data_type}'")
+    else:
+        print(f"published a speculative set for data type '{args.data_type}': {args.decider} of "
+              f"{', '.join(models)} within {args.budget_ms} ms")
     return 0
 
 
@@ -84,7 +109,21 @@ def register(sub) -> None:
     how.add_argument("--inline", action="store_true", help="send the bytes (default for files)")
     model.add_argument("--input-features", help="comma-separated input order for vector models")
     model.add_argument("--class-labels", help="comma-separated class labels")
+    model.add_argument("--model-id", default="", help="name it among its data type's models "
+                       "(models with different ids coexist; a speculative set lists them)")
     model.set_defaults(func=cmd_publish_model)
+
+    speculative = with_settings(publish_sub.add_parser(
+        "speculative", help="a speculative set: several models answer, a decider picks"))
+    speculative.add_argument("--data-type", required=True)
+    speculative.add_argument("--models", help="comma-separated model ids, in order of preference")
+    speculative.add_argument("--budget-ms", type=int, default=100)
+    speculative.add_argument("--decider", choices=("preferred", "consensus", "confidence"),
+                             default="preferred")
+    speculative.add_argument("--name", default="speculative-set")
+    speculative.add_argument("--end", action="store_true",
+                             help="end speculation: the latest model serves alone again")
+    speculative.set_defaults(func=cmd_publish_speculative)
 
     records = with_settings(publish_sub.add_parser(
         "records", help="records from a CSV file or the demo dataset"))

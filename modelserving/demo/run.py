@@ -21,7 +21,7 @@ from modelserving.kafka.admin import create_topics
 from modelserving.local import processes
 from modelserving.local.job_process import JobProcess
 from modelserving.paths import var_dir
-from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
+from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult, SpeculativeSet
 
 
 def demo_dir() -> Path:
@@ -54,10 +54,16 @@ class Follower(client.OutputFollower):
             return
         model = (ModelType.Name(message.modelType), message.modelName, message.modelVersion)
         self.counts[f"{model[0]} {model[1]} v{model[2]}"] += 1
-        if model != self.current_model:
-            self.current_model = model
-            say(f"==> now serving {model[0]} model '{model[1]}' v{model[2]} "
-                f"(first result {max(0, message.servedMs - message.recordTs)} ms after its record was sent)")
+        # a speculative set is one way of serving, whichever of its models wins a record
+        decided = message.speculative if message.HasField("speculative") else None
+        serving = ("speculative", SpeculativeSet.Decider.Name(decided.decider).lower(),
+                   "+".join(decided.answered)) if decided else model
+        if serving != self.current_model:
+            self.current_model = serving
+            how = (f"speculatively: {serving[1]} of {serving[2]}" if decided else
+                   f"{model[0]} model '{model[1]}' v{model[2]}")
+            say(f"==> now serving {how} (first result "
+                f"{max(0, message.servedMs - message.recordTs)} ms after its record was sent)")
             say(client.describe_message(message))
         elif sum(self.counts.values()) % self.sample_every == 0:
             say(client.describe_message(message))
@@ -121,9 +127,14 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
             if duration_s and now - started >= duration_s:
                 break
             if now >= next_switch:
-                model = models[index % len(models)]
-                client.publish_model(kafka, settings.models_topic, descriptor_for(model))
-                say(f"published {ModelType.Name(model.model_type)} model '{model.name}' v{model.version}")
+                if index == len(models):   # after one round of switches, a speculative one
+                    start_speculation(kafka, settings, models)
+                elif index == len(models) + 1:
+                    end_speculation(kafka, settings)
+                else:
+                    model = models[index % len(models)]
+                    client.publish_model(kafka, settings.models_topic, descriptor_for(model))
+                    say(f"published {ModelType.Name(model.model_type)} model '{model.name}' v{model.version}")
                 if index == 1:
                     show_dead_letters(kafka, settings)
                 index += 1
@@ -157,3 +168,37 @@ def show_dead_letters(kafka, settings: Settings) -> None:
                           modeltype=ModelType.ONNX, data=b"these are not ONNX bytes")
     client.publish_model(kafka, settings.models_topic, bad)
     say("published a corrupt record and a corrupt model (watch for dead letters)")
+
+
+#: The demo's speculative set: three formats vote on each record within 100 ms.
+SPECULATIVE_MODELS = (ModelType.ONNX, ModelType.TENSORFLOW, ModelType.PMML)
+SPECULATIVE_BUDGET_MS = 100
+
+
+def start_speculation(kafka, settings: Settings, models) -> None:
+    """Publish three of the demo models under model ids of their own, then a CONSENSUS set
+    of them: from then on every record is scored by all three and the majority answers."""
+    from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
+
+    names = []
+    for model in models:
+        if model.model_type in SPECULATIVE_MODELS:
+            descriptor = descriptor_for(model)
+            descriptor.modelId = ModelType.Name(model.model_type).lower()
+            client.publish_model(kafka, settings.models_topic, descriptor)
+            names.append(descriptor.modelId)
+    chosen = ModelDescriptor(name="demo-consensus", dataType=DEMO_DATA_TYPE)
+    chosen.speculative.CopyFrom(SpeculativeSet(models=names, budgetMs=SPECULATIVE_BUDGET_MS,
+                                               decider=SpeculativeSet.CONSENSUS))
+    client.publish_model(kafka, settings.models_topic, chosen)
+    say(f"published a speculative set: consensus of {', '.join(names)} within "
+        f"{SPECULATIVE_BUDGET_MS} ms")
+
+
+def end_speculation(kafka, settings: Settings) -> None:
+    from modelserving.demo.training import DEMO_DATA_TYPE
+
+    ended = ModelDescriptor(name="demo-consensus", dataType=DEMO_DATA_TYPE, withdraw=True)
+    ended.speculative.SetInParent()
+    client.publish_model(kafka, settings.models_topic, ended)
+    say("ended the speculative set: the latest model serves alone again")

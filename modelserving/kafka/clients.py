@@ -21,7 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from protos import DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, WineRecord
+from protos import (DataRecord, DeadLetter, ModelDescriptor, ModelType, ServingResult, SpeculativeSet,
+                    WineRecord)
 from udfs.features import WINE_DATA_TYPE, WINE_FEATURES, WINE_PROTO_FIELDS
 
 from jobs.kafka_config import MAX_MESSAGE_BYTES, kafka_python
@@ -204,9 +205,16 @@ def describe_message(message) -> str:
     probs = ""
     if message.probabilities:
         probs = " p=[" + ", ".join(f"{p:.3f}" for p in message.probabilities) + "]"
+    speculative = ""
+    if message.HasField("speculative"):
+        decided = message.speculative
+        speculative = (f", {SpeculativeSet.Decider.Name(decided.decider).lower()} of "
+                       f"{'+'.join(decided.answered) or 'none'} within {decided.budgetMs} ms"
+                       + (f", timed out: {'+'.join(decided.timedOut)}" if decided.timedOut else ""))
+    named = f" ({message.modelId})" if message.modelId else ""
     return (f"SCORED     {message.dataType:<14} record {message.recordId or '-':<22} "
-            f"by {ModelType.Name(message.modelType)} {model}: score={message.score:.4g}{label}{probs} "
-            f"({message.scoringMicros:.0f} µs, subtask {message.subtask})")
+            f"by {ModelType.Name(message.modelType)} {model}{named}: score={message.score:.4g}"
+            f"{label}{probs} ({message.scoringMicros:.0f} µs, subtask {message.subtask}{speculative})")
 
 
 
