@@ -22,7 +22,7 @@ from udfs.runtimes import load_model
 from udfs.runtimes.base import ModelRuntime
 from udfs.runtimes.endpoints import ModelServers
 from udfs.speculative import (ANSWERED, MAX_BUDGET_MS, TIMED_OUT, Candidate, SetChange,
-                              SpeculativePlan, Speculator, decide, plan_of)
+                              SpeculativePlan, Speculator, decide, member_key, plan_of)
 
 log = logging.getLogger("modelserving")
 
@@ -126,7 +126,8 @@ class ModelServer:
 
     def keys_of(self, data_type: str) -> list[str]:
         """The cache keys of ``data_type``'s models (itself and its members)."""
-        return [key for key in self._cache if key == data_type or key.startswith(data_type + "\x1f")]
+        prefix = member_key(data_type, "")
+        return [key for key in self._cache if key == data_type or key.startswith(prefix)]
 
     def plan(self, raw: bytes, set_id: str) -> SpeculativePlan:
         """The speculative set kept in state as ``raw``, parsed once per subtask."""
@@ -135,6 +136,8 @@ class ModelServer:
             change = self.build(raw)
             if not isinstance(change, SetChange) or change.plan is None:
                 raise ModelError("the speculative set in state is not a set")
+            if len(self._plans) >= 256:   # sets of data types come and go: stay bounded
+                self._plans.clear()
             plan = self._plans[set_id] = change.plan
         return plan
 
@@ -165,7 +168,8 @@ class ModelServer:
                 raise ModelError("a withdrawal is stored as a model")
         except ModelError as exc:
             self._broken[data_type] = (model_id, exc)
-            log.error("model restored from state for data type '%s' failed to load: %s", data_type, exc)
+            log.error("model restored from state for %s failed to load: %s",
+                      _readable(data_type), exc)
             raise
         log.info("restored %s from state", model.info)
         self.install(data_type, model)
@@ -494,6 +498,12 @@ class ModelServer:
                                   data_type, model.info.name if model else "",
                                   model.info.version if model else "")
         return Outcome(BAD_RECORD, letter, data_type)
+
+
+def _readable(key: str) -> str:
+    """A cache key as a log line names it."""
+    data_type, _, declared = key.partition(member_key("", ""))
+    return f"data type '{data_type}'" + (f" (model '{declared}')" if declared else "")
 
 
 def _close_quietly(model: LoadedModel) -> None:
