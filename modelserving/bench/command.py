@@ -9,7 +9,7 @@ from modelserving.errors import UsageError
 from modelserving.paths import var_dir
 from udfs.runtimes import FORMAT_NAMES
 
-from modelserving.bench import SYSTEMS
+from modelserving.bench import JOBS, SYSTEMS
 
 
 def subset(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -21,16 +21,29 @@ def subset(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def cmd_bench(args) -> int:
-    from modelserving.bench.runner import run_bench
-
     settings = settings_of(args)
     if settings.parallelism == 0:
         settings = settings.replace(parallelism=2)  # one per core here; fixed, to compare runs
+    if args.serving_patterns:
+        return cmd_serving_patterns(args, settings)
+    from modelserving.bench.runner import run_bench
+
     results = run_bench(args.out, var_dir() / "bench" / "work", args.quick, settings,
                         subset(args.systems, SYSTEMS), subset(args.formats, FORMAT_NAMES),
                         args.experiments, subset(args.profile, FORMAT_NAMES))
     print(f"{len(results['results'])} results in {results['elapsed_s']} s; see {args.out}/results.md")
     return 0
+
+
+def cmd_serving_patterns(args, settings) -> int:
+    from modelserving.bench.serving_patterns import run_serving_patterns, summary_lines
+
+    out = var_dir() / "bench" / "serving-patterns"
+    report = run_serving_patterns(out, out / "work", settings, args.quick,
+                                  subset(args.jobs, JOBS))
+    print("\n".join(summary_lines(report)))
+    print(f"in {report['elapsed_s']} s; see {out / 'results.json'}")
+    return 0 if all("failed" not in job for job in report["jobs"].values()) else 1
 
 
 def register(sub) -> None:
@@ -50,4 +63,10 @@ def register(sub) -> None:
     bench.add_argument("--profile", default="",
                        help="comma-separated model formats whose first sustain trial is profiled "
                        "with py-spy (every system's Python workers)")
+    bench.add_argument("--serving-patterns", action="store_true",
+                       help="instead: the external path (embedded ONNX against the same model "
+                       "in MLServer) and a speculative run (a 50 ms budget, one model 200 ms "
+                       "slow); writes var/bench/serving-patterns/results.json")
+    bench.add_argument("--jobs", default="keyed",
+                       help=f"with --serving-patterns: comma-separated subset of {','.join(JOBS)}")
     bench.set_defaults(func=cmd_bench)
