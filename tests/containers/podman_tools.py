@@ -8,7 +8,8 @@ This machine has no Docker engine and no image registry, and podman needs care h
 - crun fails (``setrlimit RLIMIT_NOFILE: Operation not permitted``, hybrid cgroups), so
   podman runs with ``runc`` through a wrapper runtime (``RUNC_WRAPPER`` below) that drops
   ``process.rlimits``, ``linux.cgroupsPath`` and ``linux.resources`` from the bundle's
-  ``config.json``, with ``--cgroup-manager cgroupfs``: no resource limits apply;
+  ``config.json`` (and ``rlimits`` from an exec's process spec), with
+  ``--cgroup-manager cgroupfs``: no resource limits apply;
 - the base image is Debian bookworm made with ``debootstrap --variant=minbase`` and imported
   (``localhost/modelserving-bookworm:minbase``), since no ``python:3.11-slim`` can be pulled;
 - this machine's HTTPS traffic goes through a proxy whose certificate authority only the
@@ -46,26 +47,38 @@ CONTAINERS_VENV = Path(os.environ.get("MODELSERVING_CONTAINERS_VENV", PROJECT_RO
 DEBIAN_PACKAGES = ("podman", "buildah", "runc", "debootstrap")
 
 RUNC_WRAPPER = """#!/usr/bin/env python3
-# podman's OCI runtime on this machine: runc, minus what this sandbox refuses
+# podman's OCI runtime on this machine: runc, minus what this sandbox refuses (rlimits,
+# cgroups): from a container's bundle (create/run) and from an exec's process spec
 import json, os, sys
 args = sys.argv[1:]
-bundle = None
+bundle = process = None
 for i, arg in enumerate(args):
     if arg in ("--bundle", "-b") and i + 1 < len(args):
         bundle = args[i + 1]
     elif arg.startswith("--bundle="):
         bundle = arg.split("=", 1)[1]
+    elif arg in ("--process", "-p") and "exec" in args and i + 1 < len(args):
+        process = args[i + 1]
+    elif arg.startswith("--process="):
+        process = arg.split("=", 1)[1]
 if bundle is None and ("create" in args or "run" in args):
     bundle = os.getcwd()
-config = os.path.join(bundle, "config.json") if bundle else ""
-if config and os.path.exists(config):
-    with open(config) as f:
-        spec = json.load(f)
+
+def edit(path, change):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            spec = json.load(f)
+        change(spec)
+        with open(path, "w") as f:
+            json.dump(spec, f)
+
+def container(spec):
     spec.get("process", {}).pop("rlimits", None)
     spec.get("linux", {}).pop("cgroupsPath", None)
     spec.get("linux", {}).pop("resources", None)
-    with open(config, "w") as f:
-        json.dump(spec, f)
+
+edit(os.path.join(bundle, "config.json") if bundle else "", container)
+edit(process, lambda spec: spec.pop("rlimits", None))
 os.execvp("runc", ["runc", *args])
 """
 

@@ -92,6 +92,17 @@ class Stack:
         url = f"{self.prometheus}/api/v1/query?query={urllib.parse.quote(query)}"
         return (http.try_json(url) or {}).get("data", {}).get("result", [])
 
+    def save_logs(self) -> None:
+        """Every container's whole log into build/containers/logs/ (kept after the stack
+        is gone, for whoever reads a failure)."""
+        directory = self.podman.work / "logs"
+        directory.mkdir(parents=True, exist_ok=True)
+        names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
+                                 "--format", "{{.Names}}"], check=False).stdout.split()
+        for name in names:
+            log = self.podman.run(["logs", name], check=False, timeout=120).stdout
+            (directory / f"{name}.log").write_text(log)
+
     def diagnostics(self) -> str:
         names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
                                  "--format", "{{.Names}} {{.Status}}"], check=False).stdout
@@ -122,6 +133,7 @@ def stack():
         stack.measured["timings_s"] = podman.timings
         MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
         MEASUREMENTS.write_text(json.dumps(stack.measured, indent=2) + "\n")
+        stack.save_logs()
         stack.compose("down", "-v", "-t", "5", check=False, timeout=600)
 
 
