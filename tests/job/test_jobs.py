@@ -335,9 +335,9 @@ def inject_failures(join) -> None:
         return count(kind, outcomes)
     join.metrics.total.count = failing_count
 
-    def failing_track(ctx, data_type, part, model, outcomes):          # statistics tracking
+    def failing_track(ctx, data_type, part, model, outcomes, speculative):   # statistics tracking
         # after the real work, so that statistics are still published (and fail there too)
-        ServingJoin._track(join, ctx, data_type, part, model, outcomes)
+        ServingJoin._track(join, ctx, data_type, part, model, outcomes, speculative)
         if marked(outcomes, "inject-statistics"):
             raise injected("statistics")
     join._track = failing_track
