@@ -7,7 +7,10 @@ Per job (its own local Flink, parallelism 2 unless the settings say otherwise):
    embedded (ONNX) and another through MLServer (EXTERNAL, Open Inference Protocol V2); it
    is the same model (same data, split and seed). After a warm-up and a flat-out soak, per
    round and path: the output rate of a burst sent flat out (results per second once warm),
-   then p50/p99 latency at a fixed input rate. Rounds alternate the order of the paths.
+   then p50/p99 latency at a fixed input rate. Rounds alternate the order of the paths;
+   then once per path, p50/p99 at a few more rates (``Plan.sweep``). Each fixed-rate trial
+   also gives the records per batch (results of one batch share subtask, serving time and
+   per-record scoring time) and the median latency of each quarter (a growing backlog).
 2. **Speculative.** One data type has a fast model (the ONNX model, modelId ``fast``) and a
    slow one (the same MLServer model behind ``DelayProxy``, which adds 200 ms: modelId
    ``slow``). First the fast model alone (the latest installed serves alone) at a moderate
@@ -64,6 +67,8 @@ class Plan:
     rate: float = 1000.0             # records/s of the fixed-rate latency trials (both paths)
     trial_s: float = 10.0            # length of a fixed-rate trial
     rounds: int = 2                  # embedded/external rounds, alternating the order
+    sweep: tuple[float, ...] = (250.0, 500.0, 2000.0)   # more fixed rates, both paths, once
+    sweep_s: float = 5.0
     soak_s: float = 30.0             # flat-out load on both paths before any figure
     speculative_rate: float = 200.0  # records/s of the speculative run and its baseline
     speculative_s: float = 20.0      # length of each of those two trials
@@ -71,8 +76,8 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> "Plan":
-        return cls(burst=6000, trial_s=5.0, rounds=1, soak_s=10.0, speculative_s=10.0,
-                   quick=True)
+        return cls(burst=6000, trial_s=5.0, rounds=1, sweep=(250.0,), soak_s=10.0,
+                   speculative_s=10.0, quick=True)
 
 
 # -- pure figures ------------------------------------------------------------------------------
@@ -127,6 +132,13 @@ def speculative_summary(results: Iterable[ServingResult], budget_ms: int,
     }
 
 
+def batch_count(results: Iterable[ServingResult]) -> int:
+    """How many batches the results came in: the results of one batch share the serving
+    subtask, the time it was served (ms) and the per-record scoring time."""
+    return len({(r.subtask, r.servedMs, r.scoringMicros) for r in results
+                if r.status == ServingResult.SCORED})
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
@@ -174,11 +186,17 @@ class Collected:
 
     def latency(self) -> dict:
         t = self.trial
+        n = len(t.latencies_ms)
+        quarters = [t.latencies_ms[i * n // 4:(i + 1) * n // 4] for i in range(4)]
+        batches = batch_count(self.results)
         return {"sent": t.sent.count, "received": t.received, "unscored": t.unscored,
                 "dead_letters": self.dead_letters, "rate_rps": t.sent.rate,
                 "achieved_rate_rps": round(t.sent.achieved_rate),
                 "p50_ms": t.percentile(50), "p90_ms": t.percentile(90),
-                "p99_ms": t.percentile(99), "models": dict(t.model_versions)}
+                "p99_ms": t.percentile(99), "models": dict(t.model_versions),
+                "quarter_p50_ms": [nearest_rank(q, 50) for q in quarters],
+                "latency_grows": t.latency_grows(), "batches": batches,
+                "records_per_batch": round(len(self.results) / batches, 2) if batches else None}
 
 
 def collect(results: ResultCollector, dead: ResultCollector, sent: Sent,
@@ -405,6 +423,13 @@ class ServingPatterns:
                     paths[path].append(self.measure_path(system, path))
                     log.info("%s %s round %d: %s", job, path, round_, paths[path][-1])
             figures = {path: self.path_summary(runs) for path, runs in paths.items()}
+            for path in (EMBEDDED, EXTERNAL):
+                figures[path]["by_rate"] = {
+                    f"{rate:.0f}/s": system.trial(PATH_TYPES[path], int(rate * plan.sweep_s),
+                                                  rate).latency() for rate in plan.sweep}
+                log.info("%s %s by rate: %s", job, path, {
+                    r: (f["p50_ms"], f["p99_ms"], f["records_per_batch"])
+                    for r, f in figures[path]["by_rate"].items()})
             speculative = self.measure_speculative(system)
             state = system.process.rest(f"/jobs/{system.process.job_id}") or {}
             exceptions = system.process.rest(f"/jobs/{system.process.job_id}/exceptions") or {}

@@ -254,3 +254,26 @@ def test_summary_lines_describe_the_speculative_run():
     assert lines == ["keyed speculative [slow 200 ms, fast], 50 ms, 200/s: p50 110.0 / p99 190.0 "
                      "ms (fast alone 90.0 / 150.0); join waited p50 50.0 / p99 50.0 / max 50.0 "
                      "ms; wins fast 75.0%, slow 25.0%; 4/5 results, 1 dead letters"]
+
+
+def test_batch_count_groups_results_served_together():
+    def served(subtask, ms, micros, status=ServingResult.SCORED):
+        return ServingResult(subtask=subtask, servedMs=ms, scoringMicros=micros, status=status)
+    results = [served(0, 100, 5.0), served(0, 100, 5.0), served(0, 100, 7.0),   # two batches
+               served(1, 100, 5.0), served(0, 101, 5.0),
+               served(0, 0, 0.0, ServingResult.NO_MODEL)]                     # not scored
+    assert sp.batch_count(results) == 4
+    assert sp.batch_count([]) == 0
+
+
+def test_latency_figures_of_a_trial():
+    sent = Sent("p1emb", 8, started=0.0, finished=0.0, rate=100.0)
+    raw = [ServingResult(recordId=f"p1emb-{i}", recordTs=1000, subtask=0, servedMs=5000 + i // 4,
+                         scoringMicros=3.0, modelName="m", modelVersion="1").SerializeToString()
+           for i in range(8)]
+    got = sp.collect(FakeCollector([[(1000 + 10 * (i + 1), r) for i, r in enumerate(raw)]]),
+                     FakeCollector([]), sent, timeout_s=0)
+    figures = got.latency()
+    assert figures["batches"] == 2 and figures["records_per_batch"] == 4.0
+    assert figures["quarter_p50_ms"] == [10.0, 30.0, 50.0, 70.0]   # the lower of each pair
+    assert figures["p50_ms"] == 50.0 and figures["received"] == 8 and figures["sent"] == 8
