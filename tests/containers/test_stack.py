@@ -200,6 +200,28 @@ def test_prometheus_scrapes_the_serving_metrics(stack, scenario):
     assert drawn and drawn <= names, sorted(drawn - names)
 
 
+#: Run in a TaskManager container: the resident memory of its TaskManager JVM, Python
+#: workers (and whether TensorFlow is loaded in them) and pypmml JVMs, as JSON.
+MEMORY_PROBE = """
+import json, os
+me, found = os.getpid(), []
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == me:
+        continue
+    try:
+        cmd = open(f"/proc/{pid}/cmdline").read().replace(chr(0), " ").strip()
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        maps = open(f"/proc/{pid}/maps").read()
+    except OSError:
+        continue
+    if "fn_execution" in cmd or "pypmml" in cmd or "TaskManagerRunner" in cmd:
+        found.append({"pid": int(pid), "ppid": int(status["PPid"]),
+                      "rss_mb": round(int(status.get("VmRSS", "0 kB").split()[0]) / 1024),
+                      "tensorflow": "libtensorflow" in maps, "process": cmd[:200]})
+print(json.dumps(found))
+"""
+
+
 def test_python_worker_memory(stack, scenario, trained_models):
     """A TensorFlow and a PMML model serve (their data types' own), then the resident memory
     of every Python worker and pypmml JVM in the TaskManager containers is recorded."""
@@ -208,20 +230,24 @@ def test_python_worker_memory(stack, scenario, trained_models):
         model = inline_model(trained_models, model_type)
         rows = scenario.publish_and_score(model, data_type, f"mem-{data_type}", 10)
         assert_scored_by(scenario.collector.results_for(r.record_id for r in rows), model, rows)
-    probe = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n"
-             "   c=open(f'/proc/{p}/cmdline').read().replace(chr(0),' ')\n"
-             "   m=[l for l in open(f'/proc/{p}/status') if l.startswith('VmRSS')]\n"
-             "  except OSError: continue\n"
-             "  if m and ('fn_execution' in c or 'pypmml' in c or 'TaskManagerRunner' in c):\n"
-             "   print(m[0].split()[1], c[:160])")
     measured = {}
     for container in stack.taskmanager_containers():
-        out = stack.podman.run(["exec", container, "python", "-c", probe]).stdout
-        measured[container] = [{"rss_mb": round(int(line.split()[0]) / 1024), "process": line.split(None, 1)[1]}
-                               for line in out.splitlines() if line.strip()]
+        out = stack.podman.run(["exec", container, "python", "-c", MEMORY_PROBE]).stdout
+        measured[container] = json.loads(out.strip().splitlines()[-1])
     stack.measured["taskmanager_processes"] = measured
-    workers = [p for ps in measured.values() for p in ps if "fn_execution" in p["process"]]
-    assert workers, measured
+    processes_ = [p for ps in measured.values() for p in ps]
+    workers = [p for p in processes_ if "fn_execution" in p["process"]]
+    tf_workers = [p for p in workers if p["tensorflow"]]
+    jvms = [p for p in processes_ if "pypmml" in p["process"] and "java" in p["process"]]
+    assert tf_workers and jvms, measured
+    stack.measured["python_worker_memory_mb"] = {
+        "worker_with_tensorflow": max(p["rss_mb"] for p in tf_workers),
+        "pypmml_jvm": max(p["rss_mb"] for p in jvms),
+        "worker_with_tensorflow_plus_pypmml_jvm":
+            max(p["rss_mb"] for p in tf_workers) + max(p["rss_mb"] for p in jvms),
+        "taskmanager_jvm": max((p["rss_mb"] for p in processes_
+                                if "TaskManagerRunner" in p["process"]), default=None),
+    }
 
 
 def test_a_killed_taskmanager_loses_nothing(stack, scenario, trained_models):
