@@ -87,7 +87,13 @@ def produce(producer: Producer, topic: str, template: RecordTemplate, trial: str
             continue
         ts = int(now * 1000)
         for i in range(sent, due):
-            producer.produce(topic, template.encode(i, f"{trial}-{i}", ts))
+            value = template.encode(i, f"{trial}-{i}", ts)
+            while True:
+                try:
+                    producer.produce(topic, value)
+                    break
+                except BufferError:   # librdkafka's queue is full: let it deliver, then retry
+                    producer.poll(0.05)
         producer.poll(0)
         sent = due
     producer.flush(30)

@@ -84,3 +84,33 @@ def test_results_that_are_not_scored_are_counted_apart():
     trial = wait_for_trial(Results(items), Sent("t3", 3, 0.0, 1.0, 0.0), timeout_s=0)
     assert (trial.received, trial.unscored, trial.complete) == (3, 1, True)
     assert trial.model_versions == {"m:1": 3} and trial.latencies_ms == [10.0, 10.0, 10.0]
+
+
+class QueueOfTen:
+    """librdkafka's local queue as the load generator meets it: full at ten messages until
+    the producer is polled, which delivers them."""
+
+    def __init__(self):
+        self.queued, self.delivered, self.full = [], [], 0
+
+    def produce(self, topic, value):
+        if len(self.queued) >= 10:
+            self.full += 1
+            raise BufferError("Local: Queue full")
+        self.queued.append(value)
+
+    def poll(self, timeout):
+        self.delivered += self.queued
+        self.queued = []
+
+    def flush(self, timeout):
+        self.poll(timeout)
+
+
+def test_a_full_producer_queue_delays_the_load_generator_and_loses_nothing():
+    from modelserving.bench.workload import produce
+
+    producer = QueueOfTen()
+    produce(producer, "data", RecordTemplate("wine", [{"a": 1.0}]), "t", 35)
+    ids = [DataRecord.FromString(value).id for value in producer.delivered]
+    assert ids == [f"t-{i}" for i in range(35)] and producer.full >= 3
