@@ -214,8 +214,10 @@ for pid in os.listdir("/proc"):
         maps = open(f"/proc/{pid}/maps").read()
     except OSError:
         continue
-    if "fn_execution" in cmd or "pypmml" in cmd or "TaskManagerRunner" in cmd:
-        found.append({"pid": int(pid), "ppid": int(status["PPid"]),
+    kind = ("python worker" if "fn_execution" in cmd else "pypmml jvm" if "pypmml" in cmd
+            else "taskmanager jvm" if "TaskManagerRunner" in cmd else None)
+    if kind:
+        found.append({"kind": kind, "pid": int(pid), "ppid": int(status["PPid"]),
                       "rss_mb": round(int(status.get("VmRSS", "0 kB").split()[0]) / 1024),
                       "tensorflow": "libtensorflow" in maps, "process": cmd[:200]})
 print(json.dumps(found))
@@ -236,9 +238,8 @@ def test_python_worker_memory(stack, scenario, trained_models):
         measured[container] = json.loads(out.strip().splitlines()[-1])
     stack.measured["taskmanager_processes"] = measured
     processes_ = [p for ps in measured.values() for p in ps]
-    workers = [p for p in processes_ if "fn_execution" in p["process"]]
-    tf_workers = [p for p in workers if p["tensorflow"]]
-    jvms = [p for p in processes_ if "pypmml" in p["process"] and "java" in p["process"]]
+    tf_workers = [p for p in processes_ if p["kind"] == "python worker" and p["tensorflow"]]
+    jvms = [p for p in processes_ if p["kind"] == "pypmml jvm"]
     assert tf_workers and jvms, measured
     stack.measured["python_worker_memory_mb"] = {
         "worker_with_tensorflow": max(p["rss_mb"] for p in tf_workers),
@@ -246,7 +247,7 @@ def test_python_worker_memory(stack, scenario, trained_models):
         "worker_with_tensorflow_plus_pypmml_jvm":
             max(p["rss_mb"] for p in tf_workers) + max(p["rss_mb"] for p in jvms),
         "taskmanager_jvm": max((p["rss_mb"] for p in processes_
-                                if "TaskManagerRunner" in p["process"]), default=None),
+                                if p["kind"] == "taskmanager jvm"), default=None),
     }
 
 
