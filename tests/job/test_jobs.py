@@ -175,9 +175,10 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
         env = create_environment(settings, with_connector=False)
         data = env.from_collection([encoded(*b) for b in record_batches], type_info=Types.STRING()) \
             .map(DecodeMap(gate), output_type=RECORD_BATCH)
+        # one decoding instance keeps the models in their order, as one Kafka partition does
         model_stream = env.from_collection([encoded(*m) for m in model_messages],
                                            type_info=Types.STRING()) \
-            .map(DecodeMap(model=True), output_type=MODEL_MESSAGE)
+            .map(DecodeMap(model=True), output_type=MODEL_MESSAGE).set_parallelism(1)
         results, dead_letters = build_pipeline(data, model_stream, settings,
                                                serving=reporting_join(job, settings, gate, inject))
         tagged = Types.TUPLE([Types.STRING(), Types.STRING()])

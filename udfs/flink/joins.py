@@ -138,6 +138,9 @@ class ServingJoin:
                                   model_servers=ModelServers.from_settings(self.settings),
                                   speculative_max_budget_ms=self.settings.speculative_max_budget_ms)
         self.metrics = ServingMetrics(runtime_context, self.failures)
+        # data type -> its speculative set (None: none), read from state once per subtask and
+        # then kept up to date by the models this subtask installs: no state read per batch
+        self.sets: dict[str, SpeculativePlan | None] = {}
 
     def close(self):
         if self.server is not None:
@@ -242,8 +245,11 @@ class ServingJoin:
         return outcomes
 
     def speculative_plan(self, ctx, data_type: str) -> SpeculativePlan | None:
+        if data_type in self.sets:
+            return self.sets[data_type]
         raw = self.speculative_lookup(ctx, data_type)
-        return self.server.plan(raw, digest_id(raw)) if raw else None
+        plan = self.sets[data_type] = self.server.plan(raw, digest_id(raw)) if raw else None
+        return plan
 
     def serve_speculative(self, ctx, data_type: str, part: int, raws: list[bytes],
                           plan: SpeculativePlan, started: float) -> list[Outcome]:
@@ -425,6 +431,7 @@ class ServingJoin:
         model now is: the model, None, or UNCHANGED. Raises when the state or the swap fails
         (the caller restores the state)."""
         if isinstance(model, SetChange):
+            self.sets.pop(data_type, None)   # read again from state by the next batch
             if model.plan is None:
                 store.clear_set()
                 log.info("speculative serving ended for data type '%s' (subtask %d)", data_type,
@@ -436,6 +443,7 @@ class ServingJoin:
         declared = model.info.declared_id
         if isinstance(model, Withdrawal):
             if not declared:
+                self.sets.pop(data_type, None)
                 store.clear_all()
                 for key in self.server.keys_of(data_type):
                     self.server.install(key, None)
@@ -484,6 +492,7 @@ class ServingJoin:
             snapshot = store.snapshot(_declared_of(model))
             return self.install_descriptor(store, data_type, model), None
         except Exception as exc:
+            self.sets.pop(data_type, None)
             if snapshot is not None:
                 try:
                     store.restore(snapshot)
