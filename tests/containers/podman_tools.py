@@ -122,8 +122,9 @@ ENTRYPOINT ["/usr/bin/prometheus"]
 
 
 def _run(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout, **kwargs)
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def _install_debian_packages() -> str | None:
