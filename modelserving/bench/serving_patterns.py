@@ -44,7 +44,7 @@ from jobs.settings import Settings
 from modelserving.bench import workload
 from modelserving.bench.delay_proxy import DelayProxy
 from modelserving.bench.workload import (WARM_UP_FRACTION, RecordTemplate, ResultCollector, Sent,
-                                         Trial, new_producer, produce)
+                                         Trial, fill_trial, new_producer, produce)
 from protos import DataRecord, DeadLetter, ModelDescriptor, ServingResult, SpeculativeSet
 
 log = logging.getLogger("bench")
@@ -226,17 +226,7 @@ def collect(results: ResultCollector, dead: ResultCollector, sent: Sent,
             break
         time.sleep(0.05)
     trial = Trial(sent)
-    kept = []
-    for index in sorted(by_index):
-        appended, result = by_index[index]
-        trial.created_ms.append(result.recordTs)
-        trial.appended_ms.append(appended)
-        trial.latencies_ms.append(float(appended - result.recordTs))
-        key = f"{result.modelName}:{result.modelVersion}"
-        trial.model_versions[key] = trial.model_versions.get(key, 0) + 1
-        trial.unscored += result.status != ServingResult.SCORED
-        kept.append(result)
-    trial.received = len(by_index)
+    kept = fill_trial(trial, by_index)
     return Collected(trial, kept, len(dead_ids), dict(reasons.most_common(5)))
 
 

@@ -212,6 +212,14 @@ def wait_for_trial(collector: ResultCollector, sent: Sent, timeout_s: float) -> 
         if len(by_index) >= sent.count or time.time() > deadline:
             break
         time.sleep(0.05)
+    fill_trial(trial, by_index)
+    return trial
+
+
+def fill_trial(trial: "Trial", by_index: dict) -> list:
+    """Add the results of a trial (record index -> (broker append time, ServingResult)) in
+    record order; returns them in that order."""
+    ordered = []
     for index in sorted(by_index):
         appended, result = by_index[index]
         trial.created_ms.append(result.recordTs)
@@ -220,5 +228,6 @@ def wait_for_trial(collector: ResultCollector, sent: Sent, timeout_s: float) -> 
         key = f"{result.modelName}:{result.modelVersion}"
         trial.model_versions[key] = trial.model_versions.get(key, 0) + 1
         trial.unscored += result.status != ServingResult.SCORED
+        ordered.append(result)
     trial.received = len(by_index)
-    return trial
+    return ordered
