@@ -23,6 +23,13 @@ ENV_PREFIX = "MODELSERVING_"
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once", "none")
 STARTING_OFFSETS = ("earliest", "latest", "committed")
 PYTHON_EXECUTION_MODES = ("process", "thread")
+#: Why the jobs refuse PyFlink's thread mode (measured; docs/benchmarks/README.md, Thread mode).
+THREAD_MODE_REFUSED = (
+    "python_execution_mode=thread is refused: in thread mode PyFlink 2.2 converts a bytes "
+    "state value (the jobs keep model descriptors and statistics as bytes) to a tuple of "
+    "integers, so the first checkpoint with a model in state fails "
+    "(ClassCastException in BytePrimitiveArraySerializer.copy) and the job restarts; "
+    "use python_execution_mode=process")
 
 
 class SettingsError(ValueError):
@@ -123,8 +130,8 @@ class Settings:
         "0 counts as 1)")
     python_execution_mode: str = _setting(
         "process", "where the Python functions run: process (a Python worker beside the JVM, "
-        "records cross in bundles) or thread (embedded in the TaskManager JVM)",
-        choices=PYTHON_EXECUTION_MODES)
+        "records cross in bundles); thread (embedded in the TaskManager JVM) is refused: PyFlink "
+        "2.2 cannot checkpoint the jobs' bytes state in thread mode", choices=PYTHON_EXECUTION_MODES)
     local_python_workers: str = _setting(
         "process", "local (embedded) Flink only: run the Python functions in worker processes "
         "of their own (process), as a cluster does, or as threads of the launching Python "
@@ -248,6 +255,8 @@ class Settings:
             raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
+        if self.python_execution_mode == "thread":
+            raise SettingsError(THREAD_MODE_REFUSED)
         if self.speculative_max_budget_ms <= 0:
             raise SettingsError(f"speculative_max_budget_ms must be positive, not "
                                 f"{self.speculative_max_budget_ms}")
