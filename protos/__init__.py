@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "ModelDescriptor", "ModelStats", "ServingResult",
-             "SpeculativeModelStats", "SpeculativeOutcome", "SpeculativeSet",
-             "WineRecord")
+_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "ModelDescriptor", "ModelStats", "Reference",
+             "RepositoryEntry", "ServingResult", "SpeculativeModelStats", "SpeculativeOutcome",
+             "SpeculativeSet", "Validation", "ValidationFigures", "WineRecord")
 
 __all__ = [*_MESSAGES, "ModelType"]
 
