@@ -64,3 +64,13 @@ class ModelUnavailable(RecordError):
     timeout, an error status, an unreadable answer, circuit open). The records are fine:
     their dead letters say so (kind MODEL_UNAVAILABLE), and they are not scored again one
     by one, since the server, not a record, failed."""
+
+
+class ValidationFailed(ModelRejected):
+    """A model that missed its descriptor's validation gate (``udfs.lifecycle.validation``):
+    refused like any bad model, so the old one keeps serving; the reason carries the measured
+    figures and ``outcome`` all of them."""
+
+    def __init__(self, reason: str, *, outcome=None, **who):
+        self.outcome = outcome
+        super().__init__(reason, **who)

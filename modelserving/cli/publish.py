@@ -3,28 +3,18 @@ from __future__ import annotations
 
 
 from modelserving.cli.common import settings_of, with_settings
-from udfs.runtimes import FORMAT_NAMES
+from modelserving.cli.lifecycle import (add_lifecycle_options, add_model_options, attach_lifecycle,
+                                        descriptor_of)
 
 
 def cmd_publish_model(args) -> int:
-    from modelserving.demo.training import manifest_entry
     from modelserving.kafka import clients
-    from protos import ModelType
     from udfs.runtimes import type_name
 
     settings = settings_of(args)
-    trained = manifest_entry(args.path)  # `train` output: its manifest fills the gaps
-    descriptor = clients.model_descriptor(
-        args.path, args.data_type, name=args.name or (trained.name if trained else ""),
-        version=args.version or (trained.version if trained else ""),
-        description=args.description or (trained.description if trained else ""),
-        model_type=ModelType.Value(args.type) if args.type else None,
-        by_location=True if args.location else (False if args.inline else None),
-        input_features=(args.input_features.split(",") if args.input_features
-                        else trained.input_features if trained else ()),
-        class_labels=(args.class_labels.split(",") if args.class_labels
-                      else trained.class_labels if trained else ()))
+    descriptor = descriptor_of(args, args.data_type)  # `train` output: its manifest fills the gaps
     descriptor.modelId = args.model_id
+    attach_lifecycle(descriptor, args)
     producer = clients.producer(settings)
     try:
         clients.publish_model(producer, settings.models_topic, descriptor)
@@ -98,19 +88,11 @@ def register(sub) -> None:
     publish_sub = publish.add_subparsers(dest="what", required=True)
 
     model = with_settings(publish_sub.add_parser("model", help="a model file or SavedModel directory"))
-    model.add_argument("path")
+    add_model_options(model)
     model.add_argument("--data-type", required=True)
-    model.add_argument("--name", default="")
-    model.add_argument("--version", default="")
-    model.add_argument("--description", default="")
-    model.add_argument("--type", choices=FORMAT_NAMES, help="model type; guessed from the path when absent")
-    how = model.add_mutually_exclusive_group()
-    how.add_argument("--location", action="store_true", help="send the path, not the bytes")
-    how.add_argument("--inline", action="store_true", help="send the bytes (default for files)")
-    model.add_argument("--input-features", help="comma-separated input order for vector models")
-    model.add_argument("--class-labels", help="comma-separated class labels")
     model.add_argument("--model-id", default="", help="name it among its data type's models "
                        "(models with different ids coexist; a speculative set lists them)")
+    add_lifecycle_options(model)
     model.set_defaults(func=cmd_publish_model)
 
     speculative = with_settings(publish_sub.add_parser(

@@ -33,6 +33,11 @@ from protos import ModelDescriptor, ModelType
 DEMO_DATA_TYPE = "wine-cultivar"
 SEED = 7
 MANIFEST = "manifest.json"
+#: The split's rows as files (features + "label"), beside the models: the training rows for a
+#: drift reference (``publish model --reference``), the holdout rows for a validation gate
+#: (``modelserving validate``, ``publish model --validation``).
+TRAINING_CSV = "training.csv"
+HOLDOUT_CSV = "holdout.csv"
 #: The ONNX opsets written (onnx 1.17 reads up to 22; onnxruntime 1.17+ runs 17).
 ONNX_OPSETS = {"": 17, "ai.onnx.ml": 3}
 
@@ -56,6 +61,8 @@ class TrainedModel:
     description: str
     #: The fitted scikit-learn model the file was made from (None when read from a manifest).
     estimator: Any = field(default=None, compare=False, repr=False)
+    #: Measured quality, published with the model (ModelDescriptor.qualityMetrics).
+    quality_metrics: dict = field(default_factory=dict, compare=False)
 
     @property
     def type_name(self) -> str:
@@ -227,10 +234,13 @@ def train_all(out_dir: Path) -> list[TrainedModel]:
     n = len(data.feature_names)
     common = dict(version="1", input_features=data.feature_names, class_labels=data.class_labels)
 
+    def quality(pipeline) -> dict:
+        return {"holdoutAccuracy": float(np.mean(pipeline.predict(X_test) == y_test))}
+
     def about(what: str, pipeline) -> str:
-        accuracy = float(np.mean(pipeline.predict(X_test) == y_test))
         return (f"{what}, trained on scikit-learn's wine recognition data ({n} features, "
-                f"{len(data.class_labels)} cultivars); holdout accuracy {accuracy:.3f}")
+                f"{len(data.class_labels)} cultivars); holdout accuracy "
+                f"{quality(pipeline)['holdoutAccuracy']:.3f}")
 
     models = []
     logreg = fit_logistic(X_train, y_train, C=1.0)
@@ -238,6 +248,7 @@ def train_all(out_dir: Path) -> list[TrainedModel]:
     export_onnx(logreg, n, path)
     models.append(TrainedModel("wine-cultivar-logreg", model_type=ModelType.ONNX,
                                path=path.resolve(), inline=True, estimator=logreg,
+                               quality_metrics=quality(logreg),
                                description=about("StandardScaler + LogisticRegression (ONNX)",
                                                  logreg), **common))
 
@@ -248,6 +259,7 @@ def train_all(out_dir: Path) -> list[TrainedModel]:
     export_saved_model(mlp, n, path)
     models.append(TrainedModel("wine-cultivar-mlp", model_type=ModelType.TENSORFLOWSAVED,
                                path=path.resolve(), inline=False, estimator=mlp,
+                               quality_metrics=quality(mlp),
                                description=about("MLP 13-16-3 (TensorFlow SavedModel)", mlp),
                                **common))
 
@@ -256,6 +268,7 @@ def train_all(out_dir: Path) -> list[TrainedModel]:
     export_frozen_graph(small, n, path)
     models.append(TrainedModel("wine-cultivar-mlp-pb", model_type=ModelType.TENSORFLOW,
                                path=path.resolve(), inline=True, estimator=small,
+                               quality_metrics=quality(small),
                                description=about("MLP 13-8-3 (frozen TensorFlow graph)", small),
                                **common))
 
@@ -266,10 +279,25 @@ def train_all(out_dir: Path) -> list[TrainedModel]:
                 model_name="wine-cultivar-pmml", description=description)
     models.append(TrainedModel("wine-cultivar-pmml", model_type=ModelType.PMML,
                                path=path.resolve(), inline=True, estimator=sparse,
+                               quality_metrics=quality(sparse),
                                description=description, **common))
 
     write_manifest(out_dir, models)
+    write_rows(out_dir / TRAINING_CSV, data, X_train, y_train)
+    write_rows(out_dir / HOLDOUT_CSV, data, X_test, y_test)
     return models
+
+
+def write_rows(path: Path, data: DemoDataset, X, y) -> Path:
+    """Rows of the demo data as CSV: the feature names, then ``label`` (the cultivar)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*data.feature_names, "label"])
+        for values, target in zip(X, y):
+            writer.writerow([*(repr(float(v)) for v in values), data.class_labels[target]])
+    return path
 
 
 def write_manifest(out_dir: Path, models: list[TrainedModel]) -> Path:
@@ -278,7 +306,7 @@ def write_manifest(out_dir: Path, models: list[TrainedModel]) -> Path:
         "name": m.name, "version": m.version, "modelType": ModelType.Name(m.model_type),
         "path": str(Path(m.path).resolve().relative_to(out_dir)), "inline": m.inline,
         "inputFeatures": list(m.input_features), "classLabels": list(m.class_labels),
-        "description": m.description,
+        "description": m.description, "qualityMetrics": dict(m.quality_metrics),
     } for m in models]
     path = out_dir / MANIFEST
     path.write_text(json.dumps({"dataType": DEMO_DATA_TYPE, "models": entries}, indent=2) + "\n",
@@ -294,7 +322,8 @@ def load_manifest(out_dir: Path) -> list[TrainedModel]:
                          model_type=ModelType.Value(e["modelType"]),
                          path=(out_dir / e["path"]).resolve(), inline=bool(e["inline"]),
                          input_features=tuple(e["inputFeatures"]),
-                         class_labels=tuple(e["classLabels"]), description=e["description"])
+                         class_labels=tuple(e["classLabels"]), description=e["description"],
+                         quality_metrics=dict(e.get("qualityMetrics", {})))
             for e in document["models"]]
 
 
@@ -313,7 +342,8 @@ def descriptor_for(model: TrainedModel, data_type: str = DEMO_DATA_TYPE) -> Mode
     descriptor = ModelDescriptor(name=model.name, description=model.description,
                                  dataType=data_type, modeltype=model.model_type,
                                  version=model.version, inputFeatures=list(model.input_features),
-                                 classLabels=list(model.class_labels))
+                                 classLabels=list(model.class_labels),
+                                 qualityMetrics=dict(model.quality_metrics))
     if model.inline:
         descriptor.data = Path(model.path).read_bytes()
     else:
