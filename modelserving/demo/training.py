@@ -2,7 +2,9 @@
 
 The data is scikit-learn's bundled wine recognition dataset (``sklearn.datasets.load_wine``:
 178 wines, 13 chemical measurements, 3 cultivars), so nothing is downloaded. ``train_all``
-writes one model per supported format, plus ``manifest.json`` describing them:
+writes one model per supported format, plus ``manifest.json`` describing them (with each
+model's holdout accuracy as a quality metric) and the split's rows as ``training.csv`` and
+``holdout.csv`` (a drift reference and a validation gate for ``publish model``):
 
 =====================  ================  =====================================================
 model                  type              what
