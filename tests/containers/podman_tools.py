@@ -156,6 +156,9 @@ class Podman:
             pytest.skip(f"podman cannot be used here: {reason}")
         podman = cls()
         podman._write_shims()
+        done = podman.run(["info"], timeout=120, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"podman cannot run here (`podman info` failed): {done.stdout[-800:]}")
         if not CONTAINERS_VENV.joinpath("bin", "podman-compose").exists():
             pytest.skip(f"podman-compose is not installed in {CONTAINERS_VENV} (./dev setup makes it)")
         podman.ensure_base_image()
