@@ -17,9 +17,9 @@ from pyflink.datastream import DataStream
 from jobs.pipeline import run_job, stats_producer_config
 from jobs.settings import Settings
 from udfs.flink.batches import RESULT_BATCH
-from udfs.flink.joins import (MODEL_DESCRIPTORS, MODEL_IDS, MODEL_SLOT_IDS, MODEL_SLOTS,
-                              SPECULATIVE_SETS, BroadcastServing, dead_letters_of)
+from udfs.flink.joins import BroadcastServing, dead_letters_of
 from udfs.flink.keys import SpreadKey, balanced_spread_keys
+from udfs.flink.state_bytes import StateBytes, broadcast_states
 
 JOB = "broadcast"
 
@@ -31,8 +31,7 @@ def build_pipeline(batches: DataStream, models: DataStream, settings: Settings,
     ``serving`` replaces the join function (tests observe the join through a subclass)."""
     if serving is None:
         serving = BroadcastServing(settings, stats_producer_config(settings))
-    broadcast_models = models.broadcast(MODEL_DESCRIPTORS, MODEL_IDS, MODEL_SLOTS, MODEL_SLOT_IDS,
-                                        SPECULATIVE_SETS)
+    broadcast_models = models.broadcast(*broadcast_states(StateBytes.of(settings)))
     parallelism = settings.parallelism or batches.get_execution_environment().get_parallelism()
     keys = balanced_spread_keys(parallelism, settings.spread_keys)
     results = batches.key_by(SpreadKey(keys), key_type=Types.INT()) \

@@ -23,13 +23,6 @@ ENV_PREFIX = "MODELSERVING_"
 DELIVERY_GUARANTEES = ("at-least-once", "exactly-once", "none")
 STARTING_OFFSETS = ("earliest", "latest", "committed")
 PYTHON_EXECUTION_MODES = ("process", "thread")
-#: Why the jobs refuse PyFlink's thread mode (measured; docs/benchmarks/README.md, Thread mode).
-THREAD_MODE_REFUSED = (
-    "python_execution_mode=thread is refused: in thread mode PyFlink 2.2 converts a bytes "
-    "state value (the jobs keep model descriptors and statistics as bytes) to a tuple of "
-    "integers, so the first checkpoint with a model in state fails "
-    "(ClassCastException in BytePrimitiveArraySerializer.copy) and the job restarts; "
-    "use python_execution_mode=process")
 
 
 class SettingsError(ValueError):
@@ -108,6 +101,10 @@ class Settings:
         "within the timeout")
     model_server_max_in_flight: int = _setting(
         4, "most calls at once to one model server from one Python worker")
+    model_server_batches_in_flight: int = _setting(
+        4, "batches of EXTERNAL models one parallel instance may have awaiting their model "
+        "server per key; their records wait in keyed state (checkpointed) and are answered "
+        "as the answers come; 1 calls the server synchronously, one batch at a time")
     model_server_breaker_failures: int = _setting(
         3, "failed calls in a row after which a model's circuit opens: its records are then "
         "dead-lettered at once (MODEL_UNAVAILABLE) while the server is probed in the background")
@@ -130,8 +127,8 @@ class Settings:
         "0 counts as 1)")
     python_execution_mode: str = _setting(
         "process", "where the Python functions run: process (a Python worker beside the JVM, "
-        "records cross in bundles); thread (embedded in the TaskManager JVM) is refused: PyFlink "
-        "2.2 cannot checkpoint the jobs' bytes state in thread mode", choices=PYTHON_EXECUTION_MODES)
+        "records cross in bundles) or thread (embedded in the TaskManager JVM; a savepoint "
+        "restores only in the mode that took it)", choices=PYTHON_EXECUTION_MODES)
     local_python_workers: str = _setting(
         "process", "local (embedded) Flink only: run the Python functions in worker processes "
         "of their own (process), as a cluster does, or as threads of the launching Python "
@@ -255,8 +252,6 @@ class Settings:
             raise SettingsError("bundle_size and bundle_time_ms must be positive")
         if self.max_model_bytes <= 0 or self.max_inline_model_bytes <= 0:
             raise SettingsError("max_model_bytes and max_inline_model_bytes must be positive")
-        if self.python_execution_mode == "thread":
-            raise SettingsError(THREAD_MODE_REFUSED)
         if self.speculative_max_budget_ms <= 0:
             raise SettingsError(f"speculative_max_budget_ms must be positive, not "
                                 f"{self.speculative_max_budget_ms}")
@@ -283,6 +278,7 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"model_servers: {url!r} is not a server URL: {exc}") from None
         for name in ("model_server_timeout_ms", "model_server_max_in_flight",
+                     "model_server_batches_in_flight",
                      "model_server_breaker_failures", "model_server_breaker_reset_ms",
                      "model_server_max_rows_per_call"):
             if getattr(self, name) <= 0:

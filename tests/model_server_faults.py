@@ -10,11 +10,29 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+import numpy as np
+
 #: backend(path, body) -> (status, answer body)
 Backend = Callable[[str, bytes], tuple[int, bytes]]
 
 OK, SLOW, STATUS, GARBAGE, NOT_HTTP, DROP, DRIP = ("ok", "slow", "status", "garbage", "not-http",
                                                    "drop", "drip")
+
+
+def sklearn_v2_backend(estimator):
+    """Answers V2 calls as MLServer's scikit-learn runtime does: predict (INT64) and
+    predict_proba (FP64), the outputs the request names."""
+    def answer(path: str, body: bytes):
+        request = json.loads(body)
+        tensor = request["inputs"][0]
+        X = np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
+        wanted = [o["name"] for o in request.get("outputs", [])] or ["predict"]
+        produced = {"predict": ("INT64", estimator.predict(X)),
+                    "predict_proba": ("FP64", estimator.predict_proba(X))}
+        outputs = [{"name": n, "shape": list(produced[n][1].shape), "datatype": produced[n][0],
+                    "data": produced[n][1].reshape(-1).tolist()} for n in wanted]
+        return 200, json.dumps({"model_name": path.split("/")[3], "outputs": outputs}).encode()
+    return answer
 
 
 def forward_to(base_url: str) -> Backend:

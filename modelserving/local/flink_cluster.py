@@ -190,7 +190,7 @@ class LocalFlinkCluster:
 
     def environment(self, extra: dict | None = None) -> dict[str, str]:
         """The environment of the distribution's scripts (and of ``flink run``)."""
-        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_FLINK_VARIABLES}
+        env = processes.child_environ(without=FOREIGN_FLINK_VARIABLES)
         # A cluster not started from this workdir (only its REST port is known) is reached
         # with the distribution's own configuration.
         conf_dir = self.conf_dir if (self.conf_dir / "config.yaml").exists() \

@@ -50,7 +50,7 @@ class JobProcess:
         """Start the job and return once every task runs; ``FlinkClusterError`` if the
         process exits first, ``DeadlineExceeded`` after ``timeout_s`` (either way the
         process is stopped)."""
-        env = {**os.environ, **self.settings.to_environ(),
+        env = {**processes.child_environ(), **self.settings.to_environ(),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                            os.environ.get("PYTHONPATH")])),
                "FLINK_LOG_DIR": str(self.flink_log_dir)}

@@ -11,6 +11,17 @@ from typing import Callable, Iterable
 import psutil
 
 HOST = "127.0.0.1"
+#: Put in this process's environment by PyFlink's loopback Python worker
+#: (``local_python_workers=loopback`` runs the workers inside the launching process): a child
+#: that inherits it cannot start a Flink client of its own ("launching the
+#: PythonGatewayServer during Python UDF execution").
+LOOPBACK_WORKER_VARIABLES = ("PYFLINK_GATEWAY_DISABLED",)
+
+
+def child_environ(without: Iterable[str] = ()) -> dict[str, str]:
+    """This process's environment for a child process that runs Flink clients or jobs."""
+    dropped = set(LOOPBACK_WORKER_VARIABLES) | set(without)
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 def is_alive(pid: int | None) -> bool:

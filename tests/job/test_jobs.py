@@ -668,3 +668,44 @@ def test_a_speculative_set_scores_with_all_its_models_and_ending_it_restores_one
         result = by_id[row.record_id]
         assert (result.modelId, result.modelType) == ("onnx", ModelType.ONNX)
         assert not result.HasField("speculative")
+
+
+def external_descriptor(url: str, data_type: str = DEMO_DATA_TYPE) -> bytes:
+    from modelserving.demo.training import demo_dataset
+    from protos import ExternalModel
+
+    return ModelDescriptor(
+        name="wine-external", version="1", dataType=data_type, modeltype=ModelType.EXTERNAL,
+        inputFeatures=list(demo_dataset().feature_names), classLabels=["0", "1", "2"],
+        server=ExternalModel(url=url, outputs=["predict", "predict_proba"])).SerializeToString()
+
+
+@pytest.mark.parametrize("job,in_flight", [("keyed", 4), ("broadcast", 4), ("keyed", 1)])
+def test_batches_await_their_model_server_side_by_side(job, in_flight, trained_models, settings):
+    """With ``model_server_batches_in_flight`` above 1 a subtask has several batches of an
+    EXTERNAL model awaiting the server at once (the server sees concurrent calls; one data
+    type, so the keyed job has one key), every record is answered once, with the answer of
+    the model the server runs, and the end of the input waits for the last answers. With 1,
+    one call at a time per subtask."""
+    from model_server_faults import SLOW, FaultyModelServer, sklearn_v2_backend
+
+    onnx = trained_models[ModelType.ONNX]
+    rows = demo_rows()[:96]
+    expected = expected_predictions(descriptor_for(onnx).SerializeToString(), rows,
+                                    settings.resolved_model_dirs())
+    with FaultyModelServer(sklearn_v2_backend(onnx.estimator), mode=SLOW, delay_s=0.05) as server:
+        overlapping = settings.replace(model_servers=(server.url,), model_server_timeout_ms=20_000,
+                                       model_server_batches_in_flight=in_flight)
+        results, dead = run_job(job, [encode_record(r) for r in rows],
+                                [external_descriptor(server.url)], overlapping)
+    assert dead == []
+    assert sorted(r.recordId for r in results) == sorted(r.record_id for r in rows)
+    for result in results:
+        assert (result.status, result.modelName) == (ServingResult.SCORED, "wine-external")
+        assert result.label == expected[result.recordId].label
+        assert list(result.probabilities) == pytest.approx(
+            list(expected[result.recordId].probabilities), abs=1e-5)
+    if in_flight > 1:
+        assert server.most_in_progress >= 2
+    else:   # the keyed job's one key lives on one subtask
+        assert server.most_in_progress == 1

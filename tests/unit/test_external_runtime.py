@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model_server_faults import (DRIP, DROP, GARBAGE, NOT_HTTP, OK, SLOW, STATUS,
-                                 FaultyModelServer)
+                                 FaultyModelServer, sklearn_v2_backend)
 from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset, descriptor_for
 from modelserving.local.processes import free_port
 from modelserving.local.waiting import wait_until
@@ -31,22 +31,6 @@ FEATURES = demo_dataset().feature_names
 
 
 # -- backends: what a real server would compute -------------------------------------------------
-
-def sklearn_v2_backend(estimator):
-    """Answers V2 calls as MLServer's scikit-learn runtime does: predict (INT64) and
-    predict_proba (FP64), the outputs the request names."""
-    def answer(path: str, body: bytes):
-        request = json.loads(body)
-        tensor = request["inputs"][0]
-        X = np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
-        wanted = [o["name"] for o in request.get("outputs", [])] or ["predict"]
-        produced = {"predict": ("INT64", estimator.predict(X)),
-                    "predict_proba": ("FP64", estimator.predict_proba(X))}
-        outputs = [{"name": n, "shape": list(produced[n][1].shape), "datatype": produced[n][0],
-                    "data": produced[n][1].reshape(-1).tolist()} for n in wanted]
-        return 200, json.dumps({"model_name": path.split("/")[3], "outputs": outputs}).encode()
-    return answer
-
 
 def tf_serving_backend(saved_model_dir):
     """Answers predict calls as TensorFlow Serving does, from the same SavedModel loaded by

@@ -213,3 +213,16 @@ def test_the_cluster_logs_with_the_projects_log4j_file_and_the_distributions_oth
     assert "BurstFilter" in ours and "kafka.shaded.org.apache.kafka.clients.NetworkClient" in ours
     assert (tmp_path / "log4j-cli.properties").exists() and "log4j-cli.properties" in LOG_FILES
     assert (tmp_path / "workers").read_text() == "127.0.0.1\n127.0.0.1\n"
+
+
+def test_a_child_does_not_inherit_what_the_loopback_worker_put_in_our_environment(monkeypatch):
+    """After a job test with loopback workers, this process has PYFLINK_GATEWAY_DISABLED set:
+    a job process inheriting it failed to start its Flink client."""
+    from modelserving.local.processes import child_environ
+
+    monkeypatch.setenv("PYFLINK_GATEWAY_DISABLED", "true")
+    monkeypatch.setenv("MODELSERVING_KEEP_ME", "1")
+    monkeypatch.setenv("FLINK_LIB_DIR", "/elsewhere/lib")
+    env = child_environ(without=("FLINK_LIB_DIR",))
+    assert "PYFLINK_GATEWAY_DISABLED" not in env and "FLINK_LIB_DIR" not in env
+    assert env["MODELSERVING_KEEP_ME"] == "1"

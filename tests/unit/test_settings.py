@@ -164,13 +164,3 @@ def test_output_bounds_have_defaults_and_must_be_sane():
         with pytest.raises(SettingsError, match="dead_letter_max_raw_bytes"):
             Settings(dead_letter_max_raw_bytes=bad).validate()
 
-
-def test_thread_mode_is_refused_with_the_reason():
-    """PyFlink 2.2's thread mode turns bytes state into tuples of integers: the first
-    checkpoint with a model in state fails and the job restarts (found on both jobs, the
-    broadcast job's ClassCastException in BytePrimitiveArraySerializer.copy)."""
-    from jobs.settings import SettingsError
-
-    with pytest.raises(SettingsError, match=r"thread is refused.*tuple of integers.*process"):
-        Settings.from_sources(["--python-execution-mode", "thread"], environ={})
-    assert Settings.from_sources([], environ={}).python_execution_mode == "process"

@@ -45,7 +45,7 @@ from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
 import time
 
-from protos import DeadLetter, ModelDescriptor, ModelStats
+from protos import DeadLetter, ModelDescriptor, ModelStats, ModelType
 from udfs import statistics
 from udfs.errors import ModelError
 from udfs.models import model_id as digest_id
@@ -53,7 +53,9 @@ from udfs.failures import FailureLog
 from udfs.flink.batches import BYTES, by_data_type, chunks, positions
 from udfs.flink.keys import ModelDataType, key_failure, subtask_index
 from udfs.flink.metrics import ServingMetrics
+from udfs.flink.overlap import FLUSH_AT_MS, POLL_MS, BatchesInFlight, PendingBatch
 from udfs.flink.publishing import StatsPublisher
+from udfs.flink.state_bytes import StateBytes, broadcast_states
 from udfs.runtimes.endpoints import ModelServers
 from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal
 from udfs.speculative import SetChange, SpeculativePlan, member_key
@@ -71,24 +73,7 @@ def dead_letters_of(serving: DataStream) -> DataStream:
     the interpreter lock its own thread holds, forever (docs/benchmarks/README.md)."""
     return DataStream(serving._j_data_stream.getSideOutput(DEAD_LETTERS.get_java_output_tag()))
 
-def stored_bytes(state) -> bytes | None:
-    """A bytes ``ValueState``'s value, None when empty. In thread mode PyFlink 2.2 converts
-    an empty bytes state as if it held an array and raises TypeError instead of returning
-    None (a map state's ``get`` of a missing key likewise: ask ``contains`` first)."""
-    try:
-        return state.value()
-    except TypeError:
-        return None
 
-
-#: Broadcast state of the broadcast join: data type -> descriptor bytes, data type -> model id.
-MODEL_DESCRIPTORS = MapStateDescriptor("model-descriptors", Types.STRING(), BYTES)
-MODEL_IDS = MapStateDescriptor("model-ids", Types.STRING(), Types.STRING())
-#: Broadcast state of the broadcast join: ``member_key(data type, modelId)`` -> descriptor bytes
-#: and -> model id of the models published with a modelId; data type -> speculative set bytes.
-MODEL_SLOTS = MapStateDescriptor("model-slots", Types.STRING(), BYTES)
-MODEL_SLOT_IDS = MapStateDescriptor("model-slot-ids", Types.STRING(), Types.STRING())
-SPECULATIVE_SETS = MapStateDescriptor("speculative-sets", Types.STRING(), BYTES)
 #: Keyed state of the keyed join, per data type: modelId -> descriptor bytes and -> model id
 #: of its models published with a modelId, and its speculative set's descriptor bytes.
 KEYED_MODEL_SLOTS = "model-slots"
@@ -102,6 +87,9 @@ MODEL_STATS = "model-stats"
 STATS_TIMER = "stats-timer"
 #: Where a batch under a failure key failed (its split by data type or its key selector).
 KEYING_A_BATCH = "splitting or keying a batch"
+#: Keyed state of both joins: batch id -> ``PendingBatch`` bytes of the batches awaiting their
+#: model server (``udfs.flink.overlap``).
+EXTERNAL_PENDING = "external-pending"
 #: Keyed state of the keyed join: the current model's id and descriptor bytes.
 MODEL_ID = "model-id"
 MODEL_DESCRIPTOR = "model-descriptor"
@@ -123,8 +111,14 @@ class ServingJoin:
         self.subtask = subtask_index(runtime_context)
         self.job = self.settings.job_name
         self.publisher = StatsPublisher(self.settings.state_topic, self.stats_producer)
-        self.stats = runtime_context.get_map_state(MapStateDescriptor(MODEL_STATS, Types.STRING(), BYTES))
+        self.state_bytes = StateBytes.of(self.settings)
+        self.stats = self.state_bytes.map(
+            runtime_context.get_map_state(self.state_bytes.map_descriptor(MODEL_STATS)))
         self.stats_timer = runtime_context.get_state(ValueStateDescriptor(STATS_TIMER, Types.LONG()))
+        self.pending = self.state_bytes.map(
+            runtime_context.get_map_state(self.state_bytes.map_descriptor(EXTERNAL_PENDING)))
+        limit = self.settings.model_server_batches_in_flight
+        self.in_flight = BatchesInFlight(limit) if limit > 1 else None
         self.failures = FailureLog(log)
         self.server = ModelServer(model_dirs=self.settings.model_dirs,
                                   max_model_bytes=self.settings.max_model_bytes,
@@ -143,6 +137,8 @@ class ServingJoin:
         self.sets: dict[str, SpeculativePlan | None] = {}
 
     def close(self):
+        if self.in_flight is not None:
+            self.in_flight.close()
         if self.server is not None:
             self.server.close()
             self.publisher.close()
@@ -221,15 +217,19 @@ class ServingJoin:
         for data_type, indexes in groups.items():
             indexes = [index for index in indexes if outcomes[index] is None]
             for index, outcome in zip(indexes, self.serve_group(
-                    ctx, data_type, part, [records[index] for index in indexes], started)):
+                    ctx, data_type, part, [records[index] for index in indexes], started,
+                    [where[index] for index in indexes])):
                 outcomes[index] = outcome
         yield from self.answer(outcomes, where)
+        if self.in_flight is not None and self.in_flight.count(key) > self.in_flight.limit:
+            yield from self.collect(ctx, key, oldest=True)   # back-pressure: wait for the oldest
 
     def serve_group(self, ctx, data_type: str, part: int, raws: list[bytes],
-                    started: float) -> list[Outcome]:
+                    started: float, where: list[tuple[int, int]]) -> list[Outcome | None]:
         """The outcomes of a batch's records of one data type, in order: speculatively, all
         at once, when the data type has a speculative set, else with its model in pieces of
-        at most ``batch_max_size``. Never raises."""
+        at most ``batch_max_size``; None for records whose piece awaits its model server
+        (``defer``). Never raises."""
         plan = None
         try:
             if data_type:
@@ -239,9 +239,10 @@ class ServingJoin:
                     for raw in raws]
         if plan is not None:
             return self.serve_speculative(ctx, data_type, part, raws, plan, started)
-        outcomes: list[Outcome] = []
+        outcomes: list[Outcome | None] = []
         for piece in chunks(list(range(len(raws))), self.settings.batch_max_size):
-            outcomes.extend(self.serve_batch(ctx, data_type, part, [raws[i] for i in piece]))
+            outcomes.extend(self.serve_batch(ctx, data_type, part, [raws[i] for i in piece],
+                                             [where[i] for i in piece]))
         return outcomes
 
     def speculative_plan(self, ctx, data_type: str) -> SpeculativePlan | None:
@@ -279,9 +280,11 @@ class ServingJoin:
         self.track(ctx, data_type, part, UNCHANGED, outcomes, (plan, tally))
         return outcomes
 
-    def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes]) -> list[Outcome]:
-        """The records' outcomes, in order; keeps statistics. Never raises: records the job's
-        own code fails on become INTERNAL_ERROR dead letters."""
+    def serve_batch(self, ctx, data_type: str, part: int, raws: list[bytes],
+                    where: list[tuple[int, int]] = ()) -> list[Outcome | None]:
+        """The records' outcomes, in order, or Nones when they await an EXTERNAL model's
+        server (``defer``); keeps statistics. Never raises: records the job's own code fails
+        on become INTERNAL_ERROR dead letters."""
         model, error = None, None
         try:
             if data_type:
@@ -290,6 +293,11 @@ class ServingJoin:
                     model = self.server.current(data_type, model_id, stored_descriptor)
                 except ModelError as exc:
                     error = exc
+            if (self.in_flight is not None and model is not None and where
+                    and model.info.model_type == ModelType.EXTERNAL):
+                self.defer(ctx, PendingBatch(data_type, part, model.info.model_id, tuple(raws),
+                                             tuple(where)), model)
+                return [None] * len(raws)
             outcomes = self.server.serve(raws, model, error)
         except Exception as exc:   # ModelServer.serve never raises; the lookup might
             outcomes = [self.server.internal_error(raw, exc, "serving a batch", data_type, model)
@@ -302,12 +310,75 @@ class ServingJoin:
             self.track(ctx, data_type, part, model, outcomes)
         return outcomes
 
-    def answer(self, outcomes: list[Outcome], where: list[tuple[int, int]]):
+    # -- batches awaiting their model server (udfs.flink.overlap) -------------------------
+
+    def defer(self, ctx, batch: PendingBatch, model) -> None:
+        """Call the model server from the pool; the batch waits in keyed state until
+        ``collect`` answers it. Its model counts as serving from now (statistics)."""
+        key = ctx.get_current_key()
+        batch_id = self.in_flight.new_id(self.subtask)
+        self.pending.put(batch_id, batch.encode())
+        self.in_flight.submit(key, batch_id, lambda: self.server.serve(batch.raws, model))
+        timers = ctx.timer_service()
+        timers.register_processing_time_timer(timers.current_processing_time() + POLL_MS)
+        timers.register_event_time_timer(FLUSH_AT_MS)
+        try:
+            self.metrics.for_type(batch.data_type).model = model
+        except Exception as exc:
+            self.survived("updating the metrics", exc, batch.data_type)
+        self.track(ctx, batch.data_type, batch.part, model)
+
+    def collect(self, ctx, key, oldest: bool = False, every: bool = False):
+        """Answer the current key's batches whose server answered, oldest first: with
+        ``oldest`` after waiting for the oldest, with ``every`` after waiting for all. A batch
+        in state without a call (restored from a checkpoint) is called again. Looks again in
+        ``POLL_MS`` while any remain. Never raises."""
+        try:
+            waiting = False
+            for position, batch_id in enumerate(sorted(self.pending.keys())):
+                future = self.in_flight.future(key, batch_id)
+                batch = None
+                if future is None:
+                    batch = PendingBatch.decode(self.pending.get(batch_id))
+                    future = self.resubmit(ctx, key, batch_id, batch)
+                if every or (oldest and position == 0):
+                    future.result()   # serve() never raises; it ends within its timeouts
+                if not future.done():
+                    waiting = True
+                    continue
+                batch = batch or PendingBatch.decode(self.pending.get(batch_id))
+                self.pending.remove(batch_id)
+                self.in_flight.forget(key, batch_id)
+                outcomes = future.result()
+                self.track(ctx, batch.data_type, batch.part, UNCHANGED, outcomes)
+                yield from self.answer(outcomes, list(batch.where))
+            if waiting:
+                timers = ctx.timer_service()
+                timers.register_processing_time_timer(timers.current_processing_time() + POLL_MS)
+        except Exception as exc:
+            self.survived("answering batches that awaited their model server", exc)
+
+    def resubmit(self, ctx, key, batch_id: str, batch: PendingBatch):
+        """A batch restored from a checkpoint: call its data type's model as the restored
+        state has it (the one it was sent to, unless a newer one was installed before the
+        checkpoint)."""
+        model, error = None, None
+        model_id, stored_descriptor = self.model_lookup(ctx, batch.data_type)
+        try:
+            model = self.server.current(batch.data_type, model_id, stored_descriptor)
+        except ModelError as exc:
+            error = exc
+        return self.in_flight.submit(key, batch_id,
+                                     lambda: self.server.serve(batch.raws, model, error))
+
+    def answer(self, outcomes: list[Outcome | None], where: list[tuple[int, int]]):
         """Count ``outcomes`` and yield them: one batch of results, and dead letters on the
         side output, each stamped with its input's position."""
-        self.metrics.count(outcomes)
+        self.metrics.count([outcome for outcome in outcomes if outcome is not None])
         results = []
         for outcome, (partition, offset) in zip(outcomes, where):
+            if outcome is None:   # awaits its model server
+                continue
             if outcome.is_dead_letter:
                 yield DEAD_LETTERS, self.positioned(outcome.payload, partition, offset)
             else:
@@ -374,7 +445,10 @@ class ServingJoin:
         yield from self.last_line(self.timer(timestamp, ctx))
 
     def timer(self, timestamp, ctx):
-        """Publish the statistics when they are due. Never raises."""
+        """Answer the batches whose model server answered (all of them at the end of a
+        bounded input), and publish the statistics when they are due. Never raises."""
+        if self.in_flight is not None:
+            yield from self.collect(ctx, ctx.get_current_key(), every=timestamp >= FLUSH_AT_MS)
         try:
             stats_due = self.stats_timer.value()
             if stats_due is not None and stats_due <= timestamp:
@@ -383,7 +457,6 @@ class ServingJoin:
                     self.publish(ModelStats.FromString(raw))
         except Exception as exc:
             self.survived("publishing statistics", exc)
-        return ()
 
     # -- models -------------------------------------------------------------------------
 
@@ -550,18 +623,20 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
         self.model_id = runtime_context.get_state(ValueStateDescriptor(MODEL_ID, Types.STRING()))
-        self.descriptor = runtime_context.get_state(ValueStateDescriptor(MODEL_DESCRIPTOR, BYTES))
-        self.slots = runtime_context.get_map_state(MapStateDescriptor(KEYED_MODEL_SLOTS, Types.STRING(), BYTES))
+        coding = self.state_bytes
+        self.descriptor = coding.value(runtime_context.get_state(coding.value_descriptor(MODEL_DESCRIPTOR)))
+        self.slots = coding.map(runtime_context.get_map_state(coding.map_descriptor(KEYED_MODEL_SLOTS)))
         self.slot_ids = runtime_context.get_map_state(
             MapStateDescriptor(KEYED_MODEL_SLOT_IDS, Types.STRING(), Types.STRING()))
-        self.speculative_set = runtime_context.get_state(ValueStateDescriptor(KEYED_SPECULATIVE_SET, BYTES))
+        self.speculative_set = coding.value(
+            runtime_context.get_state(coding.value_descriptor(KEYED_SPECULATIVE_SET)))
         self.store = KeyedModelStore(self)
 
     def model_lookup(self, ctx, data_type):
-        return self.model_id.value(), lambda: stored_bytes(self.descriptor)
+        return self.model_id.value(), lambda: self.descriptor.value()
 
     def speculative_lookup(self, ctx, data_type):
-        return stored_bytes(self.speculative_set)
+        return self.speculative_set.value()
 
     def member_lookup(self, ctx, data_type, declared_id):
         if not self.slot_ids.contains(declared_id):
@@ -612,7 +687,7 @@ class KeyedModelStore(ModelStore):
         return self.join.model_id.value()
 
     def own_descriptor(self):
-        return stored_bytes(self.join.descriptor)
+        return self.join.descriptor.value()
 
     def put_own(self, model_id, raw):
         self.join.model_id.update(model_id)
@@ -637,7 +712,7 @@ class KeyedModelStore(ModelStore):
             self.join.slots.remove(declared)
 
     def set_raw(self):
-        return stored_bytes(self.join.speculative_set)
+        return self.join.speculative_set.value()
 
     def put_set(self, raw):
         self.join.speculative_set.update(raw)
@@ -661,22 +736,26 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
 
     def open(self, runtime_context: RuntimeContext):
         self.open_serving(runtime_context)
+        self.states = broadcast_states(self.state_bytes)
+
+    def broadcast_bytes(self, ctx, descriptor):
+        return self.state_bytes.map(ctx.get_broadcast_state(descriptor))
 
     def model_lookup(self, ctx, data_type):
-        ids = ctx.get_broadcast_state(MODEL_IDS)
+        ids = ctx.get_broadcast_state(self.states.ids)
         model_id = ids.get(data_type) if ids.contains(data_type) else None
-        descriptors = ctx.get_broadcast_state(MODEL_DESCRIPTORS)
+        descriptors = self.broadcast_bytes(ctx, self.states.descriptors)
         return model_id, lambda: descriptors.get(data_type)
 
     def speculative_lookup(self, ctx, data_type):
-        sets = ctx.get_broadcast_state(SPECULATIVE_SETS)
+        sets = self.broadcast_bytes(ctx, self.states.sets)
         return sets.get(data_type) if sets.contains(data_type) else None
 
     def member_lookup(self, ctx, data_type, declared_id):
-        key, ids = member_key(data_type, declared_id), ctx.get_broadcast_state(MODEL_SLOT_IDS)
+        key, ids = member_key(data_type, declared_id), ctx.get_broadcast_state(self.states.slot_ids)
         if not ids.contains(key):
             return None, None
-        return ids.get(key), lambda: ctx.get_broadcast_state(MODEL_SLOTS).get(key)
+        return ids.get(key), lambda: self.broadcast_bytes(ctx, self.states.slots).get(key)
 
     def data_types(self, key, records):
         return by_data_type(records)
@@ -702,7 +781,7 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
                 yield DEAD_LETTERS, dead_letter
             return
         data_type = model.data_type if isinstance(model, SetChange) else model.info.data_type
-        _, dead_letter = self.apply_model(BroadcastModelStore(ctx, data_type), data_type, raw,
+        _, dead_letter = self.apply_model(BroadcastModelStore(self, ctx, data_type), data_type, raw,
                                           model, report)
         if dead_letter is not None:
             yield DEAD_LETTERS, dead_letter
@@ -711,11 +790,14 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
 class BroadcastModelStore(ModelStore):
     """The broadcast join's state of one data type."""
 
-    def __init__(self, ctx, data_type: str):
+    def __init__(self, join: BroadcastServing, ctx, data_type: str):
         self.data_type = data_type
-        self.ids, self.descriptors = ctx.get_broadcast_state(MODEL_IDS), ctx.get_broadcast_state(MODEL_DESCRIPTORS)
-        self.slot_ids, self.slots = ctx.get_broadcast_state(MODEL_SLOT_IDS), ctx.get_broadcast_state(MODEL_SLOTS)
-        self.sets = ctx.get_broadcast_state(SPECULATIVE_SETS)
+        states = join.states
+        self.ids = ctx.get_broadcast_state(states.ids)
+        self.descriptors = join.broadcast_bytes(ctx, states.descriptors)
+        self.slot_ids = ctx.get_broadcast_state(states.slot_ids)
+        self.slots = join.broadcast_bytes(ctx, states.slots)
+        self.sets = join.broadcast_bytes(ctx, states.sets)
 
     def own_id(self):
         return self.ids.get(self.data_type) if self.ids.contains(self.data_type) else None
