@@ -53,6 +53,10 @@ class Settings:
     state_topic: str = _setting(
         "model-state", "compacted topic of serving statistics (ModelStats) per data type, read by "
         "`modelserving state serve`; empty disables publishing")
+    repository_topic: str = _setting(
+        "model-repository", "compacted topic of the model repository (RepositoryEntry per model "
+        "and job): every model a job accepts or refuses, and when it stops serving, read by "
+        "`modelserving models` and the state service; empty disables publishing")
     stats_interval_ms: int = _setting(
         5000, "how often the statistics are published while records flow (and on every model change)")
     group_id: str = _setting("", "Kafka consumer group id; empty means modelserving-<job>")
@@ -264,10 +268,11 @@ class Settings:
                                     f"topics' message limit), not {getattr(self, name)}")
         self._validate_model_servers()
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
-                  self.state_topic]
+                  self.state_topic, self.repository_topic]
         topics = [t for t in topics if t]
         if len(set(topics)) != len(topics):
-            raise SettingsError(f"data, models, results, dead-letter and state topics must differ: {topics}")
+            raise SettingsError(f"data, models, results, dead-letter, state and repository topics "
+                                f"must differ: {topics}")
 
     def _validate_model_servers(self) -> None:
         from udfs.runtimes.endpoints import normalize_server_url  # one URL rule for both sides

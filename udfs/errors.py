@@ -17,6 +17,10 @@ class RecordError(ServingError):
 class ModelError(ServingError):
     """A model that cannot be served; the previous model of its data type keeps serving."""
 
+    #: SHA-256 of the model when it was computed before the refusal (a model that loaded and
+    #: then missed its validation gate), for the model repository; "" otherwise.
+    digest: str = ""
+
     def __init__(self, reason: str, *, name: str = "", version: str = "", data_type: str = ""):
         self.reason = reason
         self.name = name

@@ -41,6 +41,7 @@ class ModelInfo:
     model_type: int
     model_id: str          # digest of the descriptor bytes: identifies the model in state
     declared_id: str = ""  # the descriptor's modelId: which of its data type's models it is
+    digest: str = ""       # SHA-256 of the model (udfs.lifecycle.digest), "" until it is loaded
 
     @property
     def type_name(self) -> str:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from protos import DeadLetter, ServingResult, SpeculativeModelStats, SpeculativeOutcome
 from udfs.errors import ModelError, ModelUnavailable, RecordError, RecordTooLarge, ResultTooLarge
 from udfs.failures import FailureLog, describe as describe_failure
+from udfs.lifecycle.digest import model_digest
+from udfs.lifecycle.validation import raise_if_failed, validate_descriptor
 from udfs.models import VECTOR_TYPES, ModelInfo, describe, load_request, parse_descriptor
 from udfs.records import ParsedRecord, feature_row, parse_record, to_batch
 from udfs.runtimes import load_model
@@ -100,7 +102,11 @@ class ModelServer:
     # -- models -----------------------------------------------------------------------------
 
     def build(self, raw: bytes) -> LoadedModel | Withdrawal | SetChange:
-        """Validate and load a descriptor without touching what is serving; raises ModelError."""
+        """Check and load a descriptor without touching what is serving; raises ModelError.
+
+        A loaded model gets its digest (``ModelInfo.digest``, on every result it scores) and
+        passes its descriptor's validation gate, if it has one, before it is returned: a
+        model that misses it is closed and refused (``ValidationFailed``, with the figures)."""
         descriptor = parse_descriptor(raw)
         if descriptor.WhichOneof("MessageContent") == "speculative":
             return plan_of(descriptor, raw, self.speculative_max_budget_ms)
@@ -109,8 +115,25 @@ class ModelServer:
             return Withdrawal(info)
         request = load_request(descriptor, self.model_dirs, self.max_model_bytes,
                                self.max_inline_model_bytes, self.model_servers)
-        runtime = load_model(request)
-        return LoadedModel(info=info, raw=raw, runtime=runtime, since_ms=now_ms())
+        model = LoadedModel(info=info, raw=raw, runtime=load_model(request), since_ms=0)
+        try:
+            self._gate(descriptor, model)
+        except BaseException:
+            _close_quietly(model)
+            raise
+        model.since_ms = now_ms()
+        return model
+
+    def _gate(self, descriptor, model: LoadedModel) -> None:
+        """Put the digest of a freshly loaded model on its info, then run its validation
+        gate (``udfs.lifecycle.validation``); a refusal carries the digest too."""
+        digest = model_digest(descriptor, self.model_dirs)
+        model.info = replace(model.info, digest=digest)
+        try:
+            raise_if_failed(validate_descriptor(descriptor, model.runtime), descriptor)
+        except ModelError as exc:
+            exc.digest = digest
+            raise
 
     def install(self, key: str, model: LoadedModel | None) -> LoadedModel | None:
         """Make ``model`` current under ``key`` (a data type, or one of its models' ``member_key``;
@@ -342,7 +365,7 @@ class ModelServer:
         info = model.info
         return ServingResult(status=ServingResult.SCORED, modelName=info.name,
                              modelVersion=info.version, modelType=info.model_type,
-                             modelId=info.declared_id,
+                             modelId=info.declared_id, modelDigest=info.digest,
                              classLabels=class_labels, scoringMicros=micros, servedMs=now_ms(),
                              subtask=self.subtask).SerializeToString()
 

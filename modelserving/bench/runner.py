@@ -139,6 +139,7 @@ class System:
         self.results_topic = f"{bench.run_id}-{tag}-results"
         self.dead_letter_topic = f"{bench.run_id}-{tag}-dead-letters"
         self.state_topic = f"{bench.run_id}-{tag}-state"
+        self.repository_topic = f"{bench.run_id}-{tag}-repository"
         self.log_path = bench.work_dir / tag / "system.log"
         self.process = None
         self.collector: ResultCollector | None = None
@@ -147,7 +148,7 @@ class System:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         ensure_topics(self.bench.kafka_settings, [self.data_topic, self.models_topic,
                                                   self.dead_letter_topic, self.results_topic],
-                      compacted=[self.state_topic], partitions=2,
+                      compacted=[self.state_topic, self.repository_topic], partitions=2,
                       configs={self.results_topic: workload.result_topic_configs()})
         self.collector = ResultCollector(self.bench.kafka_settings, self.results_topic)
         self.collector.start()
@@ -181,6 +182,7 @@ class System:
             data_topic=self.data_topic,
             models_topic=self.models_topic, results_topic=self.results_topic,
             dead_letter_topic=self.dead_letter_topic, state_topic=self.state_topic,
+            repository_topic=self.repository_topic,
             data_starting_offsets="earliest", group_id="", job_name="",
             model_dirs=(str(self.bench.models_dir),), **self.overrides).for_job(
             f"bench-{self.name}")

@@ -249,7 +249,8 @@ class JobUnderTest:
         self.settings = bench.kafka_settings.replace(
             data_topic=f"{tag}-data", models_topic=f"{tag}-models",
             results_topic=f"{tag}-results", dead_letter_topic=f"{tag}-dead-letters",
-            state_topic=f"{tag}-state", data_starting_offsets="earliest", group_id="",
+            state_topic=f"{tag}-state", repository_topic=f"{tag}-repository",
+            data_starting_offsets="earliest", group_id="",
             job_name="", model_dirs=(str(bench.models_dir),),
             model_servers=(bench.mlserver.url, bench.proxy.url)).for_job(f"bench-sp-{job}")
         self.log_path = bench.work_dir / job / "job.log"
@@ -264,7 +265,7 @@ class JobUnderTest:
 
         s = self.settings
         ensure_topics(s, [s.data_topic, s.models_topic, s.dead_letter_topic, s.results_topic],
-                      compacted=[s.state_topic], partitions=2,
+                      compacted=[s.state_topic, s.repository_topic], partitions=2,
                       configs={s.results_topic: workload.result_topic_configs()})
         self.results = ResultCollector(s, s.results_topic)
         self.dead = ResultCollector(s, s.dead_letter_topic)

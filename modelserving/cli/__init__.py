@@ -6,6 +6,7 @@
     modelserving train                     one demo model per supported format
     modelserving publish model PATH ...    a model, inline or by location (--validation, --reference)
     modelserving validate PATH --data FILE a model's validation gate, offline (exit 1: it fails)
+    modelserving models list|show|history|rollback   the model repository (what served when)
     modelserving publish records ...       records from a CSV file or the demo dataset
     modelserving follow                    results and dead letters, readably
     modelserving run keyed [settings]      a job on a local Flink (web UI on :8081)
@@ -31,7 +32,7 @@ from jobs.settings import SettingsError
 from modelserving.errors import ToolError, UsageError
 
 #: The command groups of this package; each module has ``register(subparsers)``.
-COMMAND_MODULES = ("kafka", "publish", "lifecycle", "jobs", "cluster", "state", "demo", "mlserver")
+COMMAND_MODULES = ("kafka", "publish", "lifecycle", "models", "jobs", "cluster", "state", "demo", "mlserver")
 #: Entry-point group through which other packages add command groups (the benchmark does).
 PLUGIN_GROUP = "modelserving.commands"
 

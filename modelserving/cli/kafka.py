@@ -30,9 +30,12 @@ def cmd_topics(args) -> int:
 
     settings = settings_of(args)
     create_topics(settings, args.partitions, args.compact_models)
-    print(f"topics ready on {settings.bootstrap_servers}: {settings.data_topic}, "
-          f"{settings.models_topic}{' (compacted)' if args.compact_models else ''}, "
-          f"{settings.results_topic}, {settings.dead_letter_topic}, {settings.state_topic} (compacted)")
+    models = settings.models_topic + (" (compacted)" if args.compact_models else "")
+    compacted = [f"{topic} (compacted)" for topic in (settings.state_topic,
+                                                      settings.repository_topic) if topic]
+    print(f"topics ready on {settings.bootstrap_servers}: " + ", ".join(
+        [settings.data_topic, models, settings.results_topic, settings.dead_letter_topic]
+        + compacted))
     return 0
 
 

@@ -22,9 +22,12 @@ Serve the compacted state topic (ModelStats messages published by the jobs) over
   /state/<data type>    one data type (JSON; 404 naming the known ones)
   /history/<data type>  the last models of a data type, newest first (JSON; ?limit=N)
   /health               200 once caught up with the topic, 503 before (JSON)
+  /repository           the model repository (repository topic): latest version per data type
+  /repository/<data type>   every version with each job's decisions (JSON; ?version=V)
   /                     a page showing the same, refreshing itself (?refresh=SECONDS)
 
-Kafka settings are job settings: --bootstrap-servers, --state-topic, --security-protocol,
+Kafka settings are job settings: --bootstrap-servers, --state-topic, --repository-topic,
+--security-protocol,
 --sasl-mechanism, --sasl-username, --ssl-cafile, --kafka-properties-file (or MODELSERVING_*
 variables; the SASL password only as MODELSERVING_SASL_PASSWORD or in the properties file).
 """

@@ -110,7 +110,9 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         from modelserving.state.service import StateService
         state_service = StateService(settings,
                                      port=5500 if processes.port_is_free(5500) else 0).start()
-        say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models)")
+        say(f"live model state: {state_service.url}/ (JSON: {state_service.url}/models); the "
+            f"model repository: {state_service.url}/repository, or `./dev models list "
+            f"--bootstrap-servers {settings.bootstrap_servers}`")
 
         kafka = client.producer(settings)
         rows = demo_rows()
@@ -121,7 +123,7 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
         publisher.start()
         say(f"streaming {DEMO_DATA_TYPE} records at {rate:g}/s; Ctrl-C stops everything")
         started = time.monotonic()
-        next_switch, next_status, index = started, started + 5, 0
+        next_switch, next_status, index, versions = started, started + 5, 0, 0
         while not interrupted.is_set():
             now = time.monotonic()
             if duration_s and now - started >= duration_s:
@@ -133,8 +135,14 @@ def run_demo(duration_s: float = 0, rest_port: int = 8081, kafka_port: int = 909
                     end_speculation(kafka, settings)
                 else:
                     model = models[index % len(models)]
-                    client.publish_model(kafka, settings.models_topic, descriptor_for(model))
-                    say(f"published {ModelType.Name(model.model_type)} model '{model.name}' v{model.version}")
+                    # each switch a version of its own: the model repository knows the data
+                    # type's models by version (`modelserving models history wine-cultivar`)
+                    versions += 1
+                    descriptor = descriptor_for(model)
+                    descriptor.version = str(versions)
+                    client.publish_model(kafka, settings.models_topic, descriptor)
+                    say(f"published {ModelType.Name(model.model_type)} model '{model.name}' "
+                        f"v{descriptor.version}")
                 if index == 1:
                     show_dead_letters(kafka, settings)
                 index += 1

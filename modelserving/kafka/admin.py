@@ -63,10 +63,11 @@ def ensure_topics(settings, topics: Iterable[str], compacted: Iterable[str] = ()
 
 
 def create_topics(settings, partitions: int = 2, compact_models: bool = False) -> None:
-    """The job's topics. The models topic is not compacted by default: the tutorial's
-    producers send models without a key, which a compacted topic refuses."""
+    """The job's topics. The state and repository topics are compacted (the jobs key their
+    records); the models topic is not by default: the tutorial's producers send models
+    without a key, which a compacted topic refuses."""
     topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
     models = [settings.models_topic]
-    state = [settings.state_topic] if settings.state_topic else []
+    state = [t for t in (settings.state_topic, settings.repository_topic) if t]
     ensure_topics(settings, topics + ([] if compact_models else models),
                   compacted=state + (models if compact_models else []), partitions=partitions)

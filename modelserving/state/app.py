@@ -4,6 +4,10 @@
     GET /state/<data_type>    one data type (404 naming the known ones if unknown)
     GET /history/<data_type>  the last models seen for a data type, newest first (?limit=N)
     GET /health               200 once caught up with the topic, 503 before (status catching_up)
+    GET /repository           the model repository: per data type its latest version and who
+                              serves what (404 when the service reads no repository topic)
+    GET /repository/<data_type>   every version of a data type with each job's decisions,
+                              oldest first (?version=V: that version alone)
     GET /                     page.html: a static page whose script reads the endpoints above
 
 The server never writes data into HTML: the page is a fixed file, and its script puts every
@@ -27,6 +31,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from modelserving.state.feed import KafkaStateFeed
+from modelserving.state.repository import RepositoryView
 from modelserving.state.view import DEFAULT_HISTORY_LIMIT, ModelStateView
 
 log = logging.getLogger(__name__)
@@ -65,9 +70,13 @@ def content_security_policy(page: str) -> str:
 class StateApp:
     """The WSGI application over a view (and the feed's health, if there is a feed)."""
 
-    def __init__(self, view: ModelStateView, feed: KafkaStateFeed | None = None):
+    def __init__(self, view: ModelStateView, feed: KafkaStateFeed | None = None,
+                 repository: RepositoryView | None = None,
+                 repository_feed: KafkaStateFeed | None = None):
         self.view = view
         self.feed = feed
+        self.repository = repository
+        self.repository_feed = repository_feed
         self.page = load_page()
         self.page_headers = {**_COMMON_HEADERS,
                              "Content-Security-Policy": content_security_policy(self.page)}
@@ -78,6 +87,8 @@ class StateApp:
             Rule("/state/<path:data_type>", endpoint="state", methods=["GET"]),
             Rule("/history/<path:data_type>", endpoint="history", methods=["GET"]),
             Rule("/health", endpoint="health", methods=["GET"]),
+            Rule("/repository", endpoint="repository", methods=["GET"]),
+            Rule("/repository/<path:data_type>", endpoint="repository_history", methods=["GET"]),
             Rule("/favicon.ico", endpoint="favicon", methods=["GET"]),
         ], strict_slashes=False)
 
@@ -118,13 +129,44 @@ class StateApp:
         history = self.view.history(data_type, limit)
         return self._unknown(data_type) if history is None else _json(history)
 
+    def on_repository(self, request: Request) -> Response:
+        if self.repository is None:
+            return self._no_repository()
+        return _json(self.repository.listing())
+
+    def on_repository_history(self, request: Request, data_type: str) -> Response:
+        if self.repository is None:
+            return self._no_repository()
+        version = request.args.get("version")
+        answer = (self.repository.history(data_type) if version is None
+                  else self.repository.show(data_type, version))
+        if answer is not None:
+            return _json(answer)
+        known = self.repository.data_types()
+        what = f"version '{version}' of " if version is not None else "model of "
+        return _json({"error": "Not Found", "data_type": data_type, "known_data_types": known,
+                      "message": f"the repository has no {what}data type '{data_type}'; known "
+                                 f"data types: {', '.join(known) if known else 'none yet'}"}, 404)
+
+    def _no_repository(self) -> Response:
+        return _json({"error": "Not Found", "message": "this state service reads no repository "
+                      "topic (repository_topic is empty)"}, 404)
+
     def health(self) -> dict:
+        """The state topic's feed decides readiness; the repository's feed is reported beside
+        it (a deployment without the repository topic still has its live state)."""
         view = self.view.health()
+        repository = None
+        if self.repository is not None:
+            repository = {"view": self.repository.health(),
+                          "feed": self.repository_feed.health() if self.repository_feed else None}
         if self.feed is None:
-            return {"status": "ok", "ready": True, "feed": None, "view": view}
+            return {"status": "ok", "ready": True, "feed": None, "view": view,
+                    "repository": repository}
         feed = self.feed.health()
         status = feed["status"] if feed["alive"] or feed["status"] == "error" else "error"
-        return {"status": status, "ready": feed["ready"], "feed": feed, "view": view}
+        return {"status": status, "ready": feed["ready"], "feed": feed, "view": view,
+                "repository": repository}
 
     def on_health(self, request: Request) -> Response:
         health = self.health()

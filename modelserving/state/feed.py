@@ -28,7 +28,9 @@ CLIENT_ID = "modelserving-state-service"
 
 
 class KafkaStateFeed(threading.Thread):
-    """Reads ``settings.state_topic`` from the beginning into a view, in a daemon thread.
+    """Reads ``settings.state_topic`` (or ``topic``: the repository topic is read the same
+    way) from the beginning into a view (anything with ``ingest(key, value)`` and
+    ``health()``), in a daemon thread.
 
     No consumer group (every service instance reads everything), ``read_committed`` (a job
     publishing transactionally shows only committed statistics). ``ready`` is set once every
@@ -45,11 +47,11 @@ class KafkaStateFeed(threading.Thread):
     """
 
     def __init__(self, view: ModelStateView, settings: Settings, poll_ms: int = 200,
-                 consumer_overrides: dict | None = None):
-        super().__init__(name=f"state-feed-{settings.state_topic}", daemon=True)
+                 consumer_overrides: dict | None = None, topic: str | None = None):
+        self.topic = settings.state_topic if topic is None else topic
+        super().__init__(name=f"state-feed-{self.topic}", daemon=True)
         self.view = view
         self.bootstrap_servers = settings.bootstrap_servers
-        self.topic = settings.state_topic
         self.poll_ms = poll_ms
         self.consumer_config = kafka_python(
             settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,

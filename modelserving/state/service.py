@@ -7,7 +7,9 @@ is three parts, each usable on its own:
 * ``view.ModelStateView``: pure; the topic's records in, JSON-able answers out;
 * ``feed.KafkaStateFeed``: a thread reading the topic from the beginning into the view,
   with the Kafka client configuration (bootstrap, SASL, TLS) of the settings;
-* ``app.StateApp``: the werkzeug application (JSON endpoints and a static page).
+* ``app.StateApp``: the werkzeug application (JSON endpoints and a static page);
+* ``repository.RepositoryView``: the model repository (``Settings.repository_topic``), fed
+  by a second feed of its own when that topic is set.
 
 :class:`StateService` here puts them together and runs the HTTP server:
 
@@ -27,6 +29,7 @@ from jobs.settings import Settings, SettingsError
 from modelserving.errors import ToolError, UsageError
 from modelserving.state.app import StateApp
 from modelserving.state.feed import KafkaStateFeed
+from modelserving.state.repository import RepositoryView
 from modelserving.state.view import ModelStateView
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,10 @@ class StateService:
     ``start()`` serves in a background thread, ``serve_forever()`` in the calling one;
     ``stop()`` ends the server and the feed. ``port=0`` picks a free port; ``url`` says which
     once bound (``bind()`` binds without serving yet). Without settings the view is fed by
-    the caller (``service.view.ingest(...)``), as in unit tests. ``consumer_overrides`` are
-    extra kafka-python consumer arguments.
+    the caller (``service.view.ingest(...)``, ``service.repository.ingest(...)`` of a
+    ``repository`` given), as in unit tests. ``consumer_overrides`` are extra kafka-python
+    consumer arguments. The repository topic is read beside the state topic when
+    ``repository_topic`` is set; readiness waits for the state topic only.
 
     Raises ``UsageError`` for settings that cannot reach Kafka (no state topic, SASL without
     credentials) and ``StateServiceError`` when the address cannot be bound.
@@ -54,19 +59,27 @@ class StateService:
 
     def __init__(self, settings: Settings | None = None, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, *, view: ModelStateView | None = None,
+                 repository: RepositoryView | None = None,
                  consumer_overrides: dict | None = None):
         self.settings = settings
         self.view = view or ModelStateView()
         self.feed = None
+        self.repository = repository
+        self.repository_feed = None
         if settings is not None:
             if not settings.state_topic:
                 raise UsageError("the state topic is empty (state_topic / MODELSERVING_STATE_TOPIC): "
                                  "there is nothing for the state service to read")
             try:
                 self.feed = KafkaStateFeed(self.view, settings, consumer_overrides=consumer_overrides)
+                if settings.repository_topic:
+                    self.repository = self.repository or RepositoryView()
+                    self.repository_feed = KafkaStateFeed(
+                        self.repository, settings, consumer_overrides=consumer_overrides,
+                        topic=settings.repository_topic)
             except SettingsError as exc:
                 raise UsageError(f"state service: {exc}") from None
-        self.app = StateApp(self.view, self.feed)
+        self.app = StateApp(self.view, self.feed, self.repository, self.repository_feed)
         self.host = host
         self.port = port
         self._server = None
@@ -116,8 +129,9 @@ class StateService:
         return self
 
     def _start_feed(self) -> None:
-        if self.feed is not None and not self.feed.is_alive() and not self.feed.stopped.is_set():
-            self.feed.start()
+        for feed in (self.feed, self.repository_feed):
+            if feed is not None and not feed.is_alive() and not feed.stopped.is_set():
+                feed.start()
 
     def start(self) -> "StateService":
         """Serve in a background thread; returns at once."""
@@ -151,8 +165,9 @@ class StateService:
                 self._thread.join(5)
                 self._thread = None
             server.server_close()
-        if self.feed is not None:
-            self.feed.stop()
+        for feed in (self.feed, self.repository_feed):
+            if feed is not None:
+                feed.stop()
 
     def __enter__(self) -> "StateService":
         return self.start()

@@ -210,7 +210,7 @@ def settings(trained_models):
     model_dir = next(m.path for m in trained_models.values() if not m.inline).parent
     return Settings.from_sources([], environ={}, parallelism=2, checkpoint_interval_ms=0,
                                  model_dirs=(str(model_dir),), max_model_bytes=5_000_000,
-                                 rest_port=0, state_topic="",
+                                 rest_port=0, state_topic="", repository_topic="",
                                  # the test's own functions (Decode) live in this process
                                  local_python_workers="loopback").for_job("keyed-test")
 

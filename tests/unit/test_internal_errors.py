@@ -230,7 +230,7 @@ class Context:
 
 @pytest.fixture()
 def join():
-    settings = Settings(state_topic="", batch_max_size=1)
+    settings = Settings(state_topic="", repository_topic="", batch_max_size=1)
     function = KeyedServing(settings, {})
     context = Context()
     function.open(context)
@@ -480,7 +480,7 @@ def test_every_dead_letter_names_the_kafka_position_of_its_input(join, rows, mon
 
 
 def test_a_batch_is_scored_in_pieces_of_batch_max_size_in_order(rows, monkeypatch):
-    settings = Settings(state_topic="", batch_max_size=4)
+    settings = Settings(state_topic="", repository_topic="", batch_max_size=4)
     function, context = KeyedServing(settings, {}), Context()
     function.open(context)
     runtime = FailsOn(rows[0].names, -999.0, RuntimeError("never"))

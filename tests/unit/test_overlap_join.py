@@ -124,7 +124,7 @@ def model_server(trained_models):
 
 
 def test_a_batch_in_flight_at_a_checkpoint_is_called_again_after_the_restore(model_server):
-    settings = Settings(state_topic="", model_servers=(model_server.url,),
+    settings = Settings(state_topic="", repository_topic="", model_servers=(model_server.url,),
                         model_server_timeout_ms=20_000, model_server_batches_in_flight=4)
     descriptor = ModelDescriptor(
         name="wine-external", version="1", dataType=DEMO_DATA_TYPE, modeltype=ModelType.EXTERNAL,

@@ -91,4 +91,5 @@ def test_broadcast_state_names_do_not_depend_on_the_mode():
     """A pipeline and its join must name the broadcast state alike; only the type differs."""
     names = lambda mode: [d.name for d in broadcast_states(StateBytes(mode))]
     assert names(True) == names(False) == [
-        "model-descriptors", "model-ids", "model-slots", "model-slot-ids", "speculative-sets"]
+        "model-descriptors", "model-ids", "model-slots", "model-slot-ids", "speculative-sets",
+        "repository-entries"]

@@ -28,6 +28,11 @@ which stops whatever a path would still let through.
 
 Every dead letter names its input's Kafka partition and offset (``sourcePartition``,
 ``sourceOffset``), which arrive with the batch or the model.
+
+Every decision about a model (accepted, refused, retired by a successor or a withdrawal) is
+recorded in the model repository (``udfs.flink.model_repository``): kept in state with the
+models and published to the repository topic through the statistics' producer (by instance
+0 alone in the broadcast join). Recording never fails serving: a failure is survived.
 """
 from __future__ import annotations
 
@@ -48,16 +53,17 @@ import time
 from protos import DeadLetter, ModelDescriptor, ModelStats, ModelType
 from udfs import statistics
 from udfs.errors import ModelError
-from udfs.models import model_id as digest_id
+from udfs.models import model_id as digest_id, parse_descriptor
 from udfs.failures import FailureLog
 from udfs.flink.batches import BYTES, by_data_type, chunks, positions
 from udfs.flink.keys import ModelDataType, key_failure, subtask_index
 from udfs.flink.metrics import ServingMetrics
+from udfs.flink.model_repository import EntriesOf, RepositoryRecorder
 from udfs.flink.overlap import FLUSH_AT_MS, POLL_MS, BatchesInFlight, PendingBatch
 from udfs.flink.publishing import StatsPublisher
 from udfs.flink.state_bytes import StateBytes, broadcast_states
 from udfs.runtimes.endpoints import ModelServers
-from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal
+from udfs.serving import INTERNAL_ERROR, LoadedModel, ModelServer, Outcome, Withdrawal, now_ms
 from udfs.speculative import SetChange, SpeculativePlan, member_key
 
 log = logging.getLogger("modelserving")
@@ -93,6 +99,11 @@ EXTERNAL_PENDING = "external-pending"
 #: Keyed state of the keyed join: the current model's id and descriptor bytes.
 MODEL_ID = "model-id"
 MODEL_DESCRIPTOR = "model-descriptor"
+#: Keyed state of the keyed join, per data type: ``entry_key`` -> the job's repository entry
+#: of that model (``udfs.flink.model_repository``; the broadcast join's is broadcast state).
+REPOSITORY_ENTRIES = "repository-entries"
+#: Where recording a model in the repository failed (survived).
+RECORDING = "recording a model in the repository"
 
 
 class ServingJoin:
@@ -111,6 +122,7 @@ class ServingJoin:
         self.subtask = subtask_index(runtime_context)
         self.job = self.settings.job_name
         self.publisher = StatsPublisher(self.settings.state_topic, self.stats_producer)
+        self.recorder = RepositoryRecorder(self.job, self.publish_entry)
         self.state_bytes = StateBytes.of(self.settings)
         self.stats = self.state_bytes.map(
             runtime_context.get_map_state(self.state_bytes.map_descriptor(MODEL_STATS)))
@@ -460,12 +472,14 @@ class ServingJoin:
 
     # -- models -------------------------------------------------------------------------
 
-    def accept_model(self, raw: bytes, report: bool = True):
-        """Build a model from a descriptor; a bad one is dead-lettered (when ``report``) and
-        None returned, so the caller leaves the serving model in place."""
+    def accept_model(self, raw: bytes, ctx, report: bool = True):
+        """Build a model from a descriptor; a bad one is recorded in the repository,
+        dead-lettered (when ``report``) and None returned, so the caller leaves the serving
+        model in place."""
         try:
             return self.server.build(raw), None
         except ModelError as exc:
+            self.record_refusal(ctx, raw, exc, report)
             if not report:
                 return None, None
             try:
@@ -476,6 +490,44 @@ class ServingJoin:
                 return None, self.model_failed(raw, again, "dead-lettering a model")
         except Exception as exc:   # a bug of ours on this descriptor must not stop the job
             return None, self.model_failed(raw, exc, "building a model", report)
+
+    def model_store(self, ctx, data_type: str) -> "ModelStore":
+        """Where this join keeps ``data_type``'s models (in the keyed join: the current key's)."""
+        raise NotImplementedError
+
+    def publish_entry(self, key: str, value: bytes) -> None:
+        """Publish a repository entry (``RepositoryRecorder`` calls it); never raises."""
+        self.publisher.publish(key, value, topic=self.settings.repository_topic)
+
+    def record_refusal(self, ctx, raw: bytes, error: ModelError, publish: bool) -> None:
+        """Record a refused descriptor in its data type's repository entries (and publish the
+        entry when ``publish``). What is not a descriptor naming a data type is not a model of
+        the repository; without a repository topic nothing is recorded. Never raises."""
+        if not self.settings.repository_topic:
+            return
+        try:
+            descriptor = parse_descriptor(raw)
+        except ModelError:
+            return
+        try:
+            self.recorder.refused(self.model_store(ctx, descriptor.dataType).entries(),
+                                  descriptor, raw, error, now_ms(), publish)
+        except Exception as exc:
+            self.survived(RECORDING, exc, descriptor.dataType)
+
+    def record_switch(self, store: "ModelStore", data_type: str, own, previous, publish: bool):
+        """Record that ``own`` (a model, or None: withdrawn) replaced the data type's model
+        ``previous`` ((model id, descriptor bytes) before the change, from the state's
+        snapshot). Never raises."""
+        if not self.settings.repository_topic:
+            return
+        try:
+            previous_id, previous_raw = previous
+            at_ms = own.since_ms if own is not None else now_ms()
+            self.recorder.switched(store.entries(), own, previous_id, previous_raw, at_ms,
+                                   publish)
+        except Exception as exc:
+            self.survived(RECORDING, exc, data_type)
 
     def model_failed(self, raw: bytes, exc: Exception, where: str, report: bool = True):
         """An internal error while handling a model: counted, and its dead letter (when
@@ -558,12 +610,14 @@ class ServingJoin:
             self.survived("updating the metrics", exc, data_type)
 
     def apply_model(self, store: "ModelStore", data_type: str, raw: bytes, model, report: bool):
-        """Install an accepted descriptor; when that fails, put the state back (the previous
-        model goes on serving) and return the internal error's dead letter (or None)."""
+        """Install an accepted descriptor and record the change of the data type's model in
+        the repository (published when ``report``); when installing fails, put the state back
+        (the previous model goes on serving) and return the internal error's dead letter (or
+        None)."""
         snapshot = None
         try:
             snapshot = store.snapshot(_declared_of(model))
-            return self.install_descriptor(store, data_type, model), None
+            own = self.install_descriptor(store, data_type, model)
         except Exception as exc:
             self.sets.pop(data_type, None)
             if snapshot is not None:
@@ -572,6 +626,9 @@ class ServingJoin:
                 except Exception as again:
                     self.survived("restoring the model state", again, data_type)
             return UNCHANGED, self.model_failed(raw, exc, "installing a model", report)
+        if own is not UNCHANGED:
+            self.record_switch(store, data_type, own, snapshot[:2], report)
+        return own, None
 
 
 def _declared_of(model) -> str:
@@ -580,9 +637,10 @@ def _declared_of(model) -> str:
 
 class ModelStore:
     """Where a join keeps one data type's models: its own model (id and descriptor), its named
-    models (modelId -> id and descriptor) and its speculative set. ``snapshot``/``restore``
-    cover what installing one descriptor changes, except the named models a full withdrawal
-    removes."""
+    models (modelId -> id and descriptor), its speculative set, and its repository entries
+    (``entries``). ``snapshot``/``restore`` cover what installing one descriptor changes,
+    except the named models a full withdrawal removes (and the entries, recorded only once
+    the installation succeeded)."""
 
     def own_declared_id(self) -> str:
         raw = self.own_descriptor()
@@ -630,7 +688,12 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             MapStateDescriptor(KEYED_MODEL_SLOT_IDS, Types.STRING(), Types.STRING()))
         self.speculative_set = coding.value(
             runtime_context.get_state(coding.value_descriptor(KEYED_SPECULATIVE_SET)))
+        self.entries = coding.map(
+            runtime_context.get_map_state(coding.map_descriptor(REPOSITORY_ENTRIES)))
         self.store = KeyedModelStore(self)
+
+    def model_store(self, ctx, data_type):
+        return self.store
 
     def model_lookup(self, ctx, data_type):
         return self.model_id.value(), lambda: self.descriptor.value()
@@ -666,7 +729,7 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             yield DEAD_LETTERS, self.server.relayed_internal_error(raw, ModelDataType.where,
                                                                    failure, model=True)
             return
-        model, dead_letter = self.accept_model(raw)
+        model, dead_letter = self.accept_model(raw, ctx)
         if model is None:
             yield DEAD_LETTERS, dead_letter
             return
@@ -726,6 +789,9 @@ class KeyedModelStore(ModelStore):
         self.join.slot_ids.clear()
         self.clear_set()
 
+    def entries(self):
+        return self.join.entries
+
 
 class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
     """Input: record batches (``RECORD_BATCH``) keyed by a spreading key; broadcast input:
@@ -751,6 +817,9 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         sets = self.broadcast_bytes(ctx, self.states.sets)
         return sets.get(data_type) if sets.contains(data_type) else None
 
+    def model_store(self, ctx, data_type):
+        return BroadcastModelStore(self, ctx, data_type)
+
     def member_lookup(self, ctx, data_type, declared_id):
         key, ids = member_key(data_type, declared_id), ctx.get_broadcast_state(self.states.slot_ids)
         if not ids.contains(key):
@@ -775,7 +844,7 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
         """Install a model, withdrawal or speculative set on this instance; instance 0
         dead-letters a bad one."""
         report = self.subtask == 0
-        model, dead_letter = self.accept_model(raw, report=report)
+        model, dead_letter = self.accept_model(raw, ctx, report=report)
         if model is None:
             if dead_letter is not None:
                 yield DEAD_LETTERS, dead_letter
@@ -798,6 +867,7 @@ class BroadcastModelStore(ModelStore):
         self.slot_ids = ctx.get_broadcast_state(states.slot_ids)
         self.slots = join.broadcast_bytes(ctx, states.slots)
         self.sets = join.broadcast_bytes(ctx, states.sets)
+        self.join, self.ctx = join, ctx
 
     def own_id(self):
         return self.ids.get(self.data_type) if self.ids.contains(self.data_type) else None
@@ -845,6 +915,11 @@ class BroadcastModelStore(ModelStore):
             _remove(self.slot_ids, key)
             _remove(self.slots, key)
         self.clear_set()
+
+    def entries(self):
+        """The data type's entries in the broadcast state of every data type's entries."""
+        return EntriesOf(self.join.broadcast_bytes(self.ctx, self.join.states.entries),
+                         member_key(self.data_type, ""))
 
 
 def _remove(state, key: str) -> None:

@@ -1,4 +1,5 @@
-"""Publishing serving statistics to the compacted state topic from inside the job.
+"""Publishing serving statistics (and the model repository's records) to their compacted
+topics from inside the job.
 
 The producer configuration is computed by the job on the client side
 (``jobs.kafka_config.kafka_python``) and handed in as a plain dict, so the Python workers
@@ -14,12 +15,14 @@ log = logging.getLogger("modelserving")
 
 
 class StatsPublisher:
-    """Sends ModelStats snapshots to the compacted state topic from the Python worker.
+    """Sends ModelStats snapshots to the compacted state topic from the Python worker, and
+    through the same producer the model repository's entries to theirs (``topic``).
 
-    Statistics are snapshots (the last one per key wins), so at-least-once delivery is
-    enough; they go through a plain Kafka producer because PyFlink's Kafka sink cannot set a
-    record key from a Python element without a Java serializer. A failure to publish is
-    logged and never fails serving."""
+    Both are snapshots (the last one per key wins), so at-least-once delivery is enough;
+    they go through a plain Kafka producer because PyFlink's Kafka sink cannot set a record
+    key from a Python element without a Java serializer. A failure to publish is logged and
+    never fails serving; after a failure nothing is sent for ``RETRY_AFTER_MS``, whatever the
+    topic."""
 
     RETRY_AFTER_MS = 30_000
     #: While the broker stays unreachable, one warning per this many ms, not one per snapshot.
@@ -35,18 +38,21 @@ class StatsPublisher:
         self._undelivered = 0          # snapshots lost since the last one delivered
         self._warned_at = -self.WARN_EVERY_MS
 
-    def publish(self, key: str, value: bytes) -> None:
-        if not self.topic:
+    def publish(self, key: str, value: bytes, topic: str | None = None) -> None:
+        """Send ``value`` under ``key`` to ``topic`` (None: the statistics' topic; "":
+        nowhere)."""
+        topic = self.topic if topic is None else topic
+        if not topic:
             return
         try:
             if self._producer is None:
                 if now_ms() - self._failed_at < self.RETRY_AFTER_MS:
                     return
                 self._producer = self._connect()
-            future = self._producer.send(self.topic, key=key.encode(), value=value)
+            future = self._producer.send(topic, key=key.encode(), value=value)
             future.add_callback(self._delivered).add_errback(self._lost)
         except Exception as exc:  # statistics must never stop serving
-            log.warning("publishing statistics to %s failed: %s", self.topic, exc)
+            log.warning("publishing to %s failed: %s", topic, exc)
             self._failed_at, self._producer = now_ms(), None
 
     def _delivered(self, _metadata) -> None:

@@ -110,13 +110,15 @@ class BytesMap:
 class BroadcastStates(NamedTuple):
     """The broadcast join's broadcast state: data type -> descriptor bytes and -> model id;
     ``member_key(data type, modelId)`` -> descriptor bytes and -> model id of the models
-    published with a modelId; data type -> speculative set bytes."""
+    published with a modelId; data type -> speculative set bytes; ``member_key(data type,
+    entry_key)`` -> the job's repository entry of a model (``udfs.flink.model_repository``)."""
 
     descriptors: MapStateDescriptor
     ids: MapStateDescriptor
     slots: MapStateDescriptor
     slot_ids: MapStateDescriptor
     sets: MapStateDescriptor
+    entries: MapStateDescriptor
 
 
 def broadcast_states(coding: StateBytes) -> BroadcastStates:
@@ -127,4 +129,5 @@ def broadcast_states(coding: StateBytes) -> BroadcastStates:
                            ids=strings("model-ids"),
                            slots=coding.map_descriptor("model-slots"),
                            slot_ids=strings("model-slot-ids"),
-                           sets=coding.map_descriptor("speculative-sets"))
+                           sets=coding.map_descriptor("speculative-sets"),
+                           entries=coding.map_descriptor("repository-entries"))
