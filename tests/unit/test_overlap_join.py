@@ -9,6 +9,7 @@ import threading
 import pytest
 from pyflink.common import Row as FlinkRow
 
+from flink_state_fakes import DictMapState
 from jobs.settings import Settings
 from model_server_faults import FaultyModelServer, sklearn_v2_backend
 from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset, demo_rows
@@ -40,32 +41,6 @@ class Value:
         self.store.pop(self.name, None)
 
 
-class MapValue:
-    def __init__(self, store, name):
-        self.map = store.setdefault(name, {})
-
-    def contains(self, key):
-        return key in self.map
-
-    def get(self, key):
-        return self.map[key]
-
-    def put(self, key, value):
-        self.map[key] = value
-
-    def remove(self, key):
-        del self.map[key]
-
-    def keys(self):
-        return list(self.map)
-
-    def items(self):
-        return list(self.map.items())
-
-    def clear(self):
-        self.map.clear()
-
-
 class KeyedContext:
     """Runtime, element and timer context of one key; ``state`` is the key's whole state."""
 
@@ -83,7 +58,7 @@ class KeyedContext:
         return Value(self.state, descriptor.name)
 
     def get_map_state(self, descriptor):
-        return MapValue(self.state, descriptor.name)
+        return DictMapState(self.state.setdefault(descriptor.name, {}))
 
     def get_current_key(self):
         return DEMO_DATA_TYPE

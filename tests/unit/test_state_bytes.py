@@ -4,38 +4,11 @@ from __future__ import annotations
 
 from pyflink.common.typeinfo import BasicTypeInfo, PrimitiveArrayTypeInfo
 
+from flink_state_fakes import DictMapState
 from jobs.settings import Settings
 from udfs.flink.state_bytes import StateBytes, broadcast_states
 
 EVERY_BYTE = bytes(range(256)) * 3
-
-
-class DictMapState:
-    """The MapState calls the adapter makes, on a dict; records what Flink would store."""
-
-    def __init__(self):
-        self.stored = {}
-
-    def contains(self, key):
-        return key in self.stored
-
-    def get(self, key):
-        return self.stored[key]
-
-    def put(self, key, value):
-        self.stored[key] = value
-
-    def remove(self, key):
-        del self.stored[key]
-
-    def keys(self):
-        return list(self.stored)
-
-    def items(self):
-        return list(self.stored.items())
-
-    def clear(self):
-        self.stored.clear()
 
 
 class ThreadModeEmptyValueState:
