@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ from jobs.settings import Settings
 from modelserving.demo.training import demo_rows
 from modelserving.kafka.clients import Row, encode_record
 from modelserving.demo.training import DEMO_DATA_TYPE, descriptor_for
-from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult
+from protos import DeadLetter, ModelDescriptor, ModelType, ServingResult, Validation
 from udfs.models import load_request, parse_descriptor
 from udfs.records import to_batch
 from udfs.runtimes import load_model
@@ -709,3 +710,259 @@ def test_batches_await_their_model_server_side_by_side(job, in_flight, trained_m
         assert server.most_in_progress >= 2
     else:   # the keyed job's one key lives on one subtask
         assert server.most_in_progress == 1
+
+
+# -- the model lifecycle: the validation gate, and which model scored each record --------------
+
+def version_of(model, version: str, **fields) -> bytes:
+    """``model``'s descriptor as version ``version`` (``fields`` set more of it)."""
+    descriptor = descriptor_for(model)
+    descriptor.version = version
+    for name, value in fields.items():
+        if isinstance(value, Validation):
+            descriptor.validation.CopyFrom(value)
+        else:
+            setattr(descriptor, name, value)
+    return descriptor.SerializeToString()
+
+
+def validation_of(rows: list[Row], labels: dict[str, str], min_accuracy: float) -> Validation:
+    from udfs.lifecycle.validation import FileRow, validation_from_rows
+
+    return validation_from_rows([FileRow(r.record_id, dict(zip(r.names, r.values)),
+                                         expected_label=labels[r.record_id]) for r in rows],
+                                DEMO_DATA_TYPE, min_accuracy=min_accuracy)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_model_that_misses_its_validation_gate_is_refused_and_the_previous_one_serves_on(
+        job, trained_models, settings):
+    """The job scores a descriptor's validation rows with the new model before it takes over:
+    a PMML model expected to answer labels it does not is dead-lettered with the measured
+    figures (once, whatever the parallelism) and the ONNX model before it scores every
+    record, its digest on each result."""
+    onnx_model, pmml_model = trained_models[ModelType.ONNX], trained_models[ModelType.PMML]
+    onnx = version_of(onnx_model, "1")
+    gate_rows = demo_rows()[-20:]
+    predicted = expected_predictions(descriptor_for(pmml_model).SerializeToString(), gate_rows,
+                                     settings.resolved_model_dirs())
+    labels = list(pmml_model.class_labels)
+    wrong = {r.record_id: labels[(labels.index(predicted[r.record_id].label) + 1) % len(labels)]
+             for r in gate_rows}
+    refused = version_of(pmml_model, "2", validation=validation_of(gate_rows, wrong, 0.9))
+    rows = demo_rows()[:40]
+    results, dead = run_job(job, [encode_record(r) for r in rows], [onnx, refused], settings)
+
+    [letter] = dead
+    assert (letter.kind, letter.raw, letter.exceptionType) == (DeadLetter.BAD_MODEL, refused,
+                                                               "ValidationFailed")
+    assert letter.reason == (f"validation failed on 20 rows: accuracy 0.0000 < minimum 0.9 "
+                             f"(0/20 labels) (first: row 0 (id '{gate_rows[0].record_id}'): label "
+                             f"'{predicted[gate_rows[0].record_id].label}', expected "
+                             f"'{wrong[gate_rows[0].record_id]}') (model '{pmml_model.name}' "
+                             f"version '2', data type '{DEMO_DATA_TYPE}')")
+    assert (letter.modelName, letter.modelVersion) == (pmml_model.name, "2")
+    expected = expected_predictions(onnx, rows, settings.resolved_model_dirs())
+    digest = hashlib.sha256(onnx_model.path.read_bytes()).hexdigest()
+    assert sorted(r.recordId for r in results) == sorted(r.record_id for r in rows)
+    for result in results:
+        assert (result.status, result.modelName, result.modelVersion, result.modelDigest) == \
+            (ServingResult.SCORED, onnx_model.name, "1", digest)
+        assert result.label == expected[result.recordId].label
+
+
+class HandledInOrder:
+    """One ordered stream of models and record batches across the join's two inputs: the
+    join leaves a file per element it handled, named by its subtask, its own count and the
+    element (``m<offset>`` for a model, ``b<partition>.<first offset>`` for a batch), and each
+    element waits until the join handled every element before it (a model on every instance
+    that holds it). A directory works across threads and Python worker processes alike."""
+
+    def __init__(self, marks: str, timeout_s: float = 120.0):
+        self.marks = marks
+        self.timeout_s = timeout_s
+
+    def mark(self, subtask: int, count: int, element: str) -> None:
+        Path(self.marks, f"{subtask}-{count:06d}-{element}").touch()
+
+    def wait(self, handled: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while len(os.listdir(self.marks)) < handled:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the join handled {len(os.listdir(self.marks))} of {handled} "
+                                   f"elements in {self.timeout_s} s")
+            time.sleep(0.01)
+
+    def per_subtask(self) -> dict[int, list[str]]:
+        """The elements each subtask's join handled, in its order."""
+        handled: dict[int, list[tuple[int, str]]] = {}
+        for name in os.listdir(self.marks):
+            subtask, count, element = name.split("-", 2)
+            handled.setdefault(int(subtask), []).append((int(count), element))
+        return {subtask: [element for _, element in sorted(elements)]
+                for subtask, elements in handled.items()}
+
+
+def sequenced_join(job: str, settings: Settings, order: HandledInOrder):
+    """The job's own join function, marking ``order`` after each model and each batch."""
+    from udfs.flink.joins import BroadcastServing, KeyedServing
+
+    class Counting:
+        def note(self, element: str) -> None:
+            self.handled = getattr(self, "handled", 0) + 1
+            order.mark(self.subtask, self.handled, element)
+
+    if job == "keyed":
+        class SequencedKeyed(Counting, KeyedServing):
+            def process_element1(self, batch, ctx):
+                yield from super().process_element1(batch, ctx)
+                self.note(f"b{batch[1]}.{batch[2][0]}")
+
+            def process_element2(self, message, ctx):
+                yield from super().process_element2(message, ctx)
+                self.note(f"m{message[1]}")
+
+        return SequencedKeyed(settings, {})
+
+    class SequencedBroadcast(Counting, BroadcastServing):
+        def process_element(self, batch, ctx):
+            yield from super().process_element(batch, ctx)
+            self.note(f"b{batch[0]}.{batch[1][0]}")
+
+        def process_broadcast_element(self, message, ctx):
+            yield from super().process_broadcast_element(message, ctx)
+            self.note(f"m{message[1]}")
+
+    return SequencedBroadcast(settings, {})
+
+
+def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settings):
+    """Run ``job`` on one ordered stream of ("model", descriptor bytes) and ("batch", record
+    bytes) elements: each reaches the join only once the join handled every element before
+    it (``HandledInOrder``). Returns the results, the dead letters, per subtask the elements
+    its join handled in order, and the stream's elements by name (``m<offset>``,
+    ``b<partition>.<first offset>``) in stream order."""
+    from pyflink.common import Types
+    from pyflink.datastream import MapFunction
+
+    import importlib
+
+    build_pipeline = importlib.import_module(f"jobs.{job}_job").build_pipeline
+    from jobs.pipeline import create_environment
+    from udfs.flink.batches import MODEL_MESSAGE, RECORD_BATCH
+
+    class InOrder(Decode, MapFunction):
+        """Decodes an element once the join handled the count written before it ("N|...")."""
+
+        def __init__(self, order: HandledInOrder, model: bool = False):
+            super().__init__(None, model)
+            self.order = order
+
+        def map(self, value):
+            handled, _, element = value.partition("|")
+            self.order.wait(int(handled))
+            return super().map(element)
+
+    # one element per bundle: an element waiting in the decoder must not hold back the one
+    # before it in a bundle the Python worker has not finished
+    settings = settings.replace(bundle_size=1)
+    copies = 1 if job == "keyed" else settings.parallelism   # instances that handle a model
+    batches = positioned([records for kind, records in stream if kind == "batch"])
+    handled, models, records, named = 0, [], [], {}
+    for kind, element in stream:
+        if kind == "model":
+            name = f"m{len(models)}"
+            models.append(f"{handled}|" + encoded(0, [len(models)], [element]))
+            handled += copies
+        else:
+            partition, offsets, batch = batches[len(records)]
+            name = f"b{partition}.{offsets[0]}"
+            records.append(f"{handled}|" + encoded(partition, offsets, batch))
+            handled += 1
+        named[name] = element
+    with tempfile.TemporaryDirectory(prefix="handled-in-order-") as marks:
+        order = HandledInOrder(marks)
+        env = create_environment(settings, with_connector=False)
+        data = env.from_collection(records, type_info=Types.STRING()) \
+            .map(InOrder(order), output_type=RECORD_BATCH).set_parallelism(1)
+        model_stream = env.from_collection(models, type_info=Types.STRING()) \
+            .map(InOrder(order, model=True), output_type=MODEL_MESSAGE).set_parallelism(1)
+        results, dead_letters = build_pipeline(data, model_stream, settings,
+                                               serving=sequenced_join(job, settings, order))
+        tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
+        both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
+                                               for b in batch[0]], output_type=tagged).union(
+            dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
+        with both.execute_and_collect() as collected:
+            out = list(collected)
+        per_subtask = order.per_subtask()
+    return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
+            [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"],
+            per_subtask, named)
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_result_names_the_model_current_at_its_records_position(job, trained_models,
+                                                                     settings):
+    """Records interleaved with three model switches (ONNX, PMML, the ONNX file again by
+    location, PMML again with a validation gate it passes), in one ordered stream: every
+    result names the model (name, version, digest) that was current for its data type at
+    its record's position, on the instance that scored it (each instance's own order of
+    models and batches, as its join handled them), and was scored by that model."""
+    onnx_model, pmml_model = trained_models[ModelType.ONNX], trained_models[ModelType.PMML]
+    gate_rows = demo_rows()[-10:]
+    pmml_labels = expected_predictions(descriptor_for(pmml_model).SerializeToString(), gate_rows,
+                                       settings.resolved_model_dirs())
+    models = [version_of(onnx_model, "1"), version_of(pmml_model, "2"),
+              version_of(onnx_model, "3", location=str(onnx_model.path.resolve())),
+              version_of(pmml_model, "4", validation=validation_of(
+                  gate_rows, {r: p.label for r, p in pmml_labels.items()}, 1.0))]
+    onnx_digest = hashlib.sha256(onnx_model.path.read_bytes()).hexdigest()
+    pmml_digest = hashlib.sha256(pmml_model.path.read_bytes()).hexdigest()
+    named = {models[0]: (onnx_model.name, "1", onnx_digest),
+             models[1]: (pmml_model.name, "2", pmml_digest),
+             models[2]: (onnx_model.name, "3", onnx_digest),
+             models[3]: (pmml_model.name, "4", pmml_digest)}
+    rows = demo_rows()[:56]
+    raws = [encode_record(r) for r in rows]
+    batches = in_batches(raws)                                      # seven batches of 8
+    stream = [("batch", batches[0]), ("model", models[0]), ("batch", batches[1]),
+              ("batch", batches[2]), ("model", models[1]), ("batch", batches[3]),
+              ("model", models[2]), ("batch", batches[4]), ("batch", batches[5]),
+              ("model", models[3]), ("batch", batches[6])]
+    results, dead, per_subtask, elements = run_interleaved(job, stream, settings)
+    assert dead == []
+    assert sorted(r.recordId for r in results) == sorted(r.record_id for r in rows)
+
+    batch_of_record = {record: name for name, element in elements.items()
+                       if isinstance(element, list) for record in element}
+    record_of_id = {r.record_id: raw for r, raw in zip(rows, raws)}
+    in_stream = {}   # the model current at each batch in the stream, None before the first
+    current = None
+    for name, element in elements.items():
+        if name.startswith("m"):
+            current = element
+        else:
+            in_stream[name] = current
+    predictions = {raw: expected_predictions(raw, rows, settings.resolved_model_dirs())
+                   for raw in models}
+    for result in results:
+        batch = batch_of_record[record_of_id[result.recordId]]
+        handled = per_subtask[result.subtask]
+        before = handled[:handled.index(batch)]
+        models_before = [m for m in before if m.startswith("m")]
+        on_instance = elements[models_before[-1]] if models_before else None
+        assert on_instance == in_stream[batch], (result.recordId, result.subtask, handled)
+        if on_instance is None:
+            assert result.status == ServingResult.NO_MODEL
+            assert (result.modelName, result.modelDigest) == ("", "")
+            continue
+        assert result.status == ServingResult.SCORED
+        assert (result.modelName, result.modelVersion, result.modelDigest) == named[on_instance]
+        assert result.label == predictions[on_instance][result.recordId].label
+    # every instance that scored saw every switch, in the stream's order
+    for subtask, handled in per_subtask.items():
+        assert [m for m in handled if m.startswith("m")] == ["m0", "m1", "m2", "m3"]
+    assert {r.modelVersion for r in results} == {"", "1", "2", "3", "4"}
+    if job == "broadcast":
+        assert {r.subtask for r in results} == {0, 1}
