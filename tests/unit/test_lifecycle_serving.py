@@ -22,7 +22,8 @@ from udfs.lifecycle.validation import FileRow, validation_from_rows
 from udfs.serving import SCORED, LoadedModel, ModelServer
 from udfs.speculative import member_key
 
-from test_overlap_join import KeyedContext, MapValue
+from flink_state_fakes import DictMapState
+from test_overlap_join import KeyedContext
 
 DATA_TYPE = "wine-cultivar"
 
@@ -138,7 +139,7 @@ class BroadcastContext(KeyedContext):
         return self.subtask
 
     def get_broadcast_state(self, descriptor):
-        return MapValue(self.state, descriptor.name)
+        return DictMapState(self.state.setdefault(descriptor.name, {}))
 
 
 def recording(join_class, onnx_wine, context):

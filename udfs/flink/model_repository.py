@@ -85,12 +85,11 @@ class RepositoryRecorder:
                 retired_by: str, publish: bool) -> RepositoryEntry | None:
         """The serving model's entry, retired; None when the job has no entry of it (it
         was accepted before the job kept a repository)."""
-        for _, stored in entries.items():
-            entry = RepositoryEntry.FromString(stored)
-            if entry.descriptorId == previous_id:
-                break
-        else:
+        serving = [RepositoryEntry.FromString(stored) for _, stored in list(entries.items())]
+        serving = [entry for entry in serving if entry.descriptorId == previous_id]
+        if not serving:
             return None
+        entry = serving[0]
         if previous_raw and len(previous_raw) <= MAX_KEPT_DESCRIPTOR_BYTES:
             entry.descriptor = previous_raw
         retired = record_retirement(entry, self.job, at_ms, retired_by)
