@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -238,3 +239,16 @@ def test_rollback_of_a_location_whose_files_changed_is_refused_with_both_digests
     model.write_bytes(b"first files")        # the same files again: the rollback goes ahead
     target, _ = models_cli.rollback(settings, WINE, repository=folded.repository())
     assert target.version == "1" and len(sent) == 1
+
+
+def test_the_commands_failures_are_one_line(capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MODELSERVING_")]:
+        monkeypatch.delenv(name)
+    assert cli.main(["models", "list", "--repository-topic", ""]) == 2
+    assert capsys.readouterr().err == (
+        "modelserving: the repository topic is empty (repository_topic / "
+        "MODELSERVING_REPOSITORY_TOPIC): there is no repository to read\n")
+    assert cli.main(["models", "history", "wine", "--bootstrap-servers", "127.0.0.1:1",
+                     "--timeout", "2"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("modelserving: ") and "model-repository" in line
