@@ -75,6 +75,59 @@ def test_state_page_shows_markup_in_names_as_text(chromium):
         service.stop()
 
 
+def test_state_page_lists_the_repository_versions_as_text(chromium):
+    """The page's repository section: per data type its versions with created, deployed and
+    retired times and outcome, names shown as text. No broker: the view is fed here."""
+    import hashlib
+
+    from modelserving.state.repository import RepositoryView
+    from modelserving.state.view import iso
+    from protos import ModelDescriptor
+    from udfs.lifecycle import repository
+    from udfs.lifecycle.repository import ACCEPTED, VALIDATION_FAILED
+
+    t0 = 1_700_000_000_000
+    entries = [repository.entry_from_descriptor(
+        ModelDescriptor(name=HOSTILE_MODEL, version=v, dataType=HOSTILE_TYPE,
+                        modeltype=ModelType.ONNX, data=v.encode(), publishedMs=t0 + int(v)),
+        digest=hashlib.sha256(v.encode()).hexdigest()) for v in "123"]
+    first = repository.record_deployment(entries[0], "keyed", ACCEPTED, t0 + 1000)
+    reason = "validation failed on 45 rows: accuracy 0.6000 < minimum 0.9 (27/45 labels)"
+    view = RepositoryView()
+    for record in (first, repository.record_retirement(first, "keyed", t0 + 2000, "2"),
+                   repository.record_deployment(entries[1], "keyed", ACCEPTED, t0 + 2000),
+                   repository.record_deployment(entries[2], "keyed", VALIDATION_FAILED,
+                                                t0 + 3000, reason=reason)):
+        view.ingest(None, record.SerializeToString())
+    service = StateService(port=0, repository=view).start()
+    try:
+        with Browser.launch(chromium) as browser:
+            page = browser.new_page(1400, 900)
+            page.goto(service.url + "/?refresh=0.5")
+            rows = page.wait_for("""(() => {
+                const rows = [...document.querySelectorAll("table.repository tr.repository-entry")];
+                return rows.length === 3 ? rows.map(r => ["version", "name", "digest", "created",
+                    "outcome", "deployed", "retired", "note"].map(c =>
+                    r.querySelector("td." + c).textContent)) : null;
+            })()""", 30, "the three versions of the repository")
+            assert rows == [
+                ["1", HOSTILE_MODEL, hashlib.sha256(b"1").hexdigest()[:12], iso(t0 + 1), "RETIRED",
+                 iso(t0 + 1000), iso(t0 + 2000), "replaced by 2"],
+                ["2", HOSTILE_MODEL, hashlib.sha256(b"2").hexdigest()[:12], iso(t0 + 2), "SERVING",
+                 iso(t0 + 2000), "", ""],
+                ["3", HOSTILE_MODEL, hashlib.sha256(b"3").hexdigest()[:12], iso(t0 + 3),
+                 "VALIDATION_FAILED", iso(t0 + 3000), "", reason]]
+            assert page.evaluate("document.querySelector('section.repository h3').textContent") \
+                == HOSTILE_TYPE
+            assert page.evaluate("""[document.scripts.length, document.images.length,
+                                     window.__injected === undefined]""") == [1, 0, True]
+            assert page.errors() == []
+            print(f"\nstate page, repository: "
+                  f"{page.screenshot(screenshot_path('state-page-repository'))}")
+    finally:
+        service.stop()
+
+
 def pick_metric(page, metric: str, attempts: int = 3) -> bool:
     """Open the "Add Metric" list, filter it and pick ``metric``; False if the web UI would
     not let us (seen on a loaded 2-core machine: the list does not open or take the focus).

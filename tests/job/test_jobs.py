@@ -150,6 +150,21 @@ def reporting_join(job: str, settings: Settings, gate: ModelsHandled, inject=Non
 JOBS = ["keyed", "broadcast"]
 
 
+def executed(results, dead_letters) -> tuple[list[ServingResult], list[DeadLetter]]:
+    """Run the pipeline whose outputs are ``results`` (result batches) and ``dead_letters``
+    to its end, and decode what it put out."""
+    from pyflink.common import Types
+
+    tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
+    both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
+                                           for b in batch[0]], output_type=tagged).union(
+        dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
+    with both.execute_and_collect() as collected:
+        out = list(collected)
+    return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
+            [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
+
+
 def run_job(job: str, records: list[bytes], models: list[bytes], settings: Settings,
             inject=None, batches: list[list[bytes]] | None = None, with_positions: bool = False):
     """Run ``job`` on the local environment: every model reaches the join before any record.
@@ -182,14 +197,7 @@ def run_job(job: str, records: list[bytes], models: list[bytes], settings: Setti
             .map(DecodeMap(model=True), output_type=MODEL_MESSAGE).set_parallelism(1)
         results, dead_letters = build_pipeline(data, model_stream, settings,
                                                serving=reporting_join(job, settings, gate, inject))
-        tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
-        both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
-                                               for b in batch[0]], output_type=tagged).union(
-            dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
-        with both.execute_and_collect() as collected:
-            out = list(collected)
-    outputs = ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
-               [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
+        outputs = executed(results, dead_letters)
     if not with_positions:
         return outputs
     where = {raw: (partition, offset) for partition, offsets, batch in record_batches
@@ -807,33 +815,20 @@ def sequenced_join(job: str, settings: Settings, order: HandledInOrder):
     """The job's own join function, marking ``order`` after each model and each batch."""
     from udfs.flink.joins import BroadcastServing, KeyedServing
 
-    class Counting:
+    class Sequenced(KeyedServing if job == "keyed" else BroadcastServing):
         def note(self, element: str) -> None:
             self.handled = getattr(self, "handled", 0) + 1
             order.mark(self.subtask, self.handled, element)
 
-    if job == "keyed":
-        class SequencedKeyed(Counting, KeyedServing):
-            def process_element1(self, batch, ctx):
-                yield from super().process_element1(batch, ctx)
-                self.note(f"b{batch[1]}.{batch[2][0]}")
+        def on_batch(self, ctx, key, partition, offsets, records):
+            yield from super().on_batch(ctx, key, partition, offsets, records)
+            self.note(f"b{partition}.{offsets[0]}")
 
-            def process_element2(self, message, ctx):
-                yield from super().process_element2(message, ctx)
-                self.note(f"m{message[1]}")
-
-        return SequencedKeyed(settings, {})
-
-    class SequencedBroadcast(Counting, BroadcastServing):
-        def process_element(self, batch, ctx):
-            yield from super().process_element(batch, ctx)
-            self.note(f"b{batch[0]}.{batch[1][0]}")
-
-        def process_broadcast_element(self, message, ctx):
-            yield from super().process_broadcast_element(message, ctx)
+        def on_message(self, message, ctx, report=True):
+            yield from super().on_message(message, ctx, report)
             self.note(f"m{message[1]}")
 
-    return SequencedBroadcast(settings, {})
+    return Sequenced(settings, {})
 
 
 def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settings):
@@ -889,16 +884,9 @@ def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settin
             .map(InOrder(order, model=True), output_type=MODEL_MESSAGE).set_parallelism(1)
         results, dead_letters = build_pipeline(data, model_stream, settings,
                                                serving=sequenced_join(job, settings, order))
-        tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
-        both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
-                                               for b in batch[0]], output_type=tagged).union(
-            dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
-        with both.execute_and_collect() as collected:
-            out = list(collected)
+        results, dead = executed(results, dead_letters)
         per_subtask = order.per_subtask()
-    return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
-            [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"],
-            per_subtask, named)
+    return results, dead, per_subtask, named
 
 
 @pytest.mark.parametrize("job", JOBS)
