@@ -135,3 +135,18 @@ def test_a_speculative_set_counts_its_models_and_a_new_set_starts_from_zero():
     assert [m.answered for m in stats.speculativeModels] == [0, 0]
     assert statistics.follow_set(stats, None) is True and not stats.HasField("speculative")
     assert list(stats.speculativeModels) == []
+
+
+def test_a_publisher_without_a_cluster_publishes_nowhere(monkeypatch):
+    """Unit tests build joins with an empty producer configuration: kafka-python would send
+    to whatever broker listens on localhost:9092 (a demo's), so nothing is sent at all."""
+    import kafka
+
+    from udfs.flink.publishing import StatsPublisher
+
+    made = []
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **config: made.append(config))
+    publisher = StatsPublisher("model-state", {})
+    publisher.publish("keyed/wine", b"stats")
+    publisher.publish("wine//1@keyed", b"entry", topic="model-repository")
+    assert made == [] and publisher._producer is None

@@ -30,9 +30,12 @@ class StatsPublisher:
 
     def __init__(self, topic: str, producer_config: dict):
         """``topic``: where to publish, "" for nowhere; ``producer_config``: keyword
-        arguments of kafka-python's ``KafkaProducer``."""
+        arguments of kafka-python's ``KafkaProducer``. A configuration without
+        ``bootstrap_servers`` (a unit test's ``{}``) publishes nowhere: kafka-python would
+        otherwise send to whatever broker listens on localhost:9092."""
         self.topic = topic
         self.producer_config = dict(producer_config)
+        self.configured = bool(self.producer_config.get("bootstrap_servers"))
         self._producer = None
         self._failed_at = 0
         self._undelivered = 0          # snapshots lost since the last one delivered
@@ -42,7 +45,7 @@ class StatsPublisher:
         """Send ``value`` under ``key`` to ``topic`` (None: the statistics' topic; "":
         nowhere)."""
         topic = self.topic if topic is None else topic
-        if not topic:
+        if not topic or not self.configured:
             return
         try:
             if self._producer is None:
