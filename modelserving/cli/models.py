@@ -207,14 +207,23 @@ def _unknown(view, data_type: str, what: str = "") -> ToolError:
                      f"(known data types: {known})")
 
 
+def _read(args, settings=None):
+    """The repository for a command; the feed's progress lines only with ``-v``."""
+    import logging
+
+    if not args.verbose:
+        logging.getLogger("modelserving.state.feed").setLevel(logging.WARNING)
+    return read_repository(settings or settings_of(args), args.timeout)
+
+
 def cmd_list(args) -> int:
-    view = read_repository(settings_of(args), args.timeout)
+    view = _read(args)
     _print(args, view.listing(), listing_lines)
     return 0
 
 
 def cmd_history(args) -> int:
-    view = read_repository(settings_of(args), args.timeout)
+    view = _read(args)
     history = view.history(args.data_type)
     if history is None:
         raise _unknown(view, args.data_type)
@@ -223,7 +232,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_show(args) -> int:
-    view = read_repository(settings_of(args), args.timeout)
+    view = _read(args)
     entry = view.show(args.data_type, args.version)
     if entry is None:
         if view.history(args.data_type) is None:
@@ -236,7 +245,7 @@ def cmd_show(args) -> int:
 
 def cmd_rollback(args) -> int:
     settings = settings_of(args)
-    view = read_repository(settings, args.timeout)
+    view = _read(args, settings)
     if view.history(args.data_type) is None:
         raise _unknown(view, args.data_type)
     target, descriptor = rollback(settings, args.data_type, args.to, args.job, view.repository())
