@@ -116,6 +116,10 @@ class Settings:
         2000, "how often an open circuit probes its model server (one row) to close again")
     model_server_max_rows_per_call: int = _setting(
         256, "most records in one call to a model server; a bigger batch is sent in several")
+    drift_threshold: float = _setting(
+        0.2, "population stability index above which a model's input feature or output counts "
+        "as drifted from the reference published with it (logged, flagged in the statistics "
+        "and the metrics); 0.2 is the usual bar for a significant shift")
     speculative_max_budget_ms: int = _setting(
         10_000, "longest latency budget a speculative set may ask for; a set asking for more "
         "is refused (dead letter)")
@@ -259,6 +263,8 @@ class Settings:
         if self.speculative_max_budget_ms <= 0:
             raise SettingsError(f"speculative_max_budget_ms must be positive, not "
                                 f"{self.speculative_max_budget_ms}")
+        if not self.drift_threshold > 0:
+            raise SettingsError(f"drift_threshold must be positive, not {self.drift_threshold}")
         if self.max_record_bytes <= 0:
             raise SettingsError(f"max_record_bytes must be positive, not {self.max_record_bytes}")
         for name in ("dead_letter_max_raw_bytes", "max_result_bytes"):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "ModelDescriptor", "ModelStats", "Reference",
+_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "FeatureDrift", "ModelDescriptor", "ModelStats",
+             "Reference",
              "RepositoryEntry", "ServingResult", "SpeculativeModelStats", "SpeculativeOutcome",
              "SpeculativeSet", "Validation", "ValidationFigures", "WineRecord")
 

@@ -270,8 +270,9 @@ class ModelServer:
     # -- records ----------------------------------------------------------------------------
 
     def serve(self, raws: Iterable[bytes], model: LoadedModel | None,
-              model_error: ModelError | None = None) -> list[Outcome]:
+              model_error: ModelError | None = None, observe=None) -> list[Outcome]:
         """Score records of one data type with ``model`` as one batch, in input order.
+        ``observe(batch, predictions)``, when given, sees every scored batch (drift counts).
 
         Never raises: a record the project's own code fails on becomes an INTERNAL_ERROR
         dead letter, and a batch the model fails on is scored again record by record, so
@@ -301,7 +302,7 @@ class ModelServer:
                 outcomes.append(self.internal_error(raw, exc, "parsing a record", data_type, model))
         if rows:
             try:
-                self._score(model, rows, scored, outcomes)
+                self._score(model, rows, scored, outcomes, observe)
             except ModelUnavailable as exc:   # the server failed, not a record: no one-by-one
                 for position, record in scored:
                     outcomes[position] = self._bad_record(record.raw, exc, model, record.data_type)
@@ -314,7 +315,7 @@ class ModelServer:
                                 "one: %s", model.info, len(rows), describe_failure(exc))
                     for row, (position, record) in zip(rows, scored):
                         try:
-                            self._score(model, [row], [(position, record)], outcomes)
+                            self._score(model, [row], [(position, record)], outcomes, observe)
                         except Exception as single:
                             outcomes[position] = self._failed(record, single, model)
         return outcomes  # type: ignore[return-value]
@@ -327,15 +328,18 @@ class ModelServer:
         return self.internal_error(record.raw, exc, f"scoring with {model.info}",
                                    record.data_type, model)
 
-    def _score(self, model: LoadedModel, rows, scored, outcomes) -> None:
+    def _score(self, model: LoadedModel, rows, scored, outcomes, observe=None) -> None:
         """Score ``rows`` and fill the outcomes of ``scored``; raises when the model fails
         (nothing is filled then). A record whose result cannot be built or serialized is an
         internal error of that record alone (the batch is not scored again)."""
         started = time.perf_counter()
-        predictions = list(model.runtime.score(to_batch(rows, model.runtime.input_names)))
+        batch = to_batch(rows, model.runtime.input_names)
+        predictions = list(model.runtime.score(batch))
         if len(predictions) != len(rows):
             raise RuntimeError(f"{model.info} returned {len(predictions)} predictions for "
                                f"{len(rows)} records")
+        if observe is not None:
+            observe(batch, predictions)
         micros = (time.perf_counter() - started) * 1e6 / len(rows)
         shared: dict[tuple, bytes] = {}
         filled = []

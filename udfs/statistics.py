@@ -6,13 +6,20 @@ scoring times, since); the per-data-type counters (no model, dead letters) carry
 """
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from typing import Iterable
 
-from protos import ModelStats, SpeculativeModelStats
+from protos import FeatureDrift, ModelDescriptor, ModelStats, Reference, SpeculativeModelStats
+from udfs.lifecycle.drift import DEFAULT_THRESHOLD, DriftMonitor
 from udfs.serving import NO_MODEL, SCORED, LoadedModel, Outcome, now_ms
 from udfs.speculative import SpeculativePlan
 
 KEYED_PART = -1
+#: Drift figures of a model are kept for the models most recently asked about (per process).
+_REFERENCES_KEPT = 64
+_references: "OrderedDict[str, Reference | None]" = OrderedDict()
+_DRIFT_FIELDS = ("drift", "outputPsi", "driftFlagged", "driftThreshold", "driftRows", "driftCounts")
 
 
 def stats_key(job: str, data_type: str, part: int) -> str:
@@ -34,6 +41,8 @@ def follow_model(stats: ModelStats, model: LoadedModel | None) -> bool:
     """Point the statistics at ``model``; True when that is a change worth publishing."""
     if not is_change(stats, model):
         return False
+    for field in _DRIFT_FIELDS:   # a new model is measured against its own reference
+        stats.ClearField(field)
     if model is None:
         for field in ("modelName", "modelDescription", "modelType", "modelVersion", "modelId",
                       "sinceMs", "usage", "totalMicros", "minMicros", "maxMicros"):
@@ -102,6 +111,56 @@ def count_speculative(stats: ModelStats, tally: Iterable[SpeculativeModelStats],
         figures.totalMillis += batch.totalMillis
         figures.maxMillis = max(figures.maxMillis, batch.maxMillis)
     count(stats, [outcome for outcome in outcomes if outcome.kind != SCORED])
+
+
+def reference_of(model: LoadedModel | None) -> Reference | None:
+    """The reference distribution published with ``model`` (None: none), read from its
+    descriptor once per model."""
+    if model is None:
+        return None
+    key = model.info.model_id
+    if key in _references:
+        _references.move_to_end(key)
+        return _references[key]
+    descriptor = ModelDescriptor.FromString(model.raw)
+    reference = descriptor.reference if descriptor.HasField("reference") else None
+    _references[key] = reference
+    while len(_references) > _REFERENCES_KEPT:
+        _references.popitem(last=False)
+    return reference
+
+
+def count_drift(stats: ModelStats, reference: Reference, observed,
+                threshold: float = DEFAULT_THRESHOLD) -> bool:
+    """Add scored batches (``(FeatureBatch, predictions)`` pairs) to the drift counts of the
+    statistics' model and refresh its figures; True when this made the model drifted."""
+    monitor = DriftMonitor(reference, threshold=threshold)
+    if stats.driftCounts:
+        monitor.restore(json.loads(stats.driftCounts))
+    for batch, predictions in observed:
+        monitor.add_batch(batch)
+        monitor.add_predictions(predictions)
+    report = monitor.report()
+    was_flagged = stats.driftFlagged
+    del stats.drift[:]
+    stats.drift.extend(FeatureDrift(feature=name, psi=value,
+                                    flagged=name in report.flagged_features)
+                       for name, value in report.feature_psi.items())
+    stats.outputPsi = -1.0 if report.output_psi is None else report.output_psi
+    stats.driftFlagged = report.flagged
+    stats.driftThreshold, stats.driftRows = threshold, report.rows
+    stats.driftCounts = json.dumps(monitor.snapshot(), separators=(",", ":"))
+    return report.flagged and not was_flagged
+
+
+def drift_line(stats: ModelStats) -> str:
+    """The drift of the statistics' model, in one line (a log warning, a page)."""
+    flagged = [f"{d.feature} (PSI {d.psi:.3f})" for d in stats.drift if d.flagged]
+    parts = [f"input drift on {', '.join(flagged)}"] if flagged else []
+    if stats.outputPsi > stats.driftThreshold:
+        parts.append(f"output drift (PSI {stats.outputPsi:.3f})")
+    return (f"{'; '.join(parts) or 'no drift'} (threshold {stats.driftThreshold:g}, "
+            f"{stats.driftRows} records)")
 
 
 def stamped(stats: ModelStats, subtask: int) -> bytes:

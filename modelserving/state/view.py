@@ -265,6 +265,7 @@ class ModelStateView:
                                "type": type_name(current.modelType), "version": current.modelVersion,
                                "id": current.modelId, "since_ms": since_ms, "since": iso(since_ms)}
         answer["speculative"] = _speculative_json(stats)
+        answer["drift"] = _drift_json(serving)
         serving_what = {(s.modelId if s.hasModel else "") for s in stats}
         answer["jitter"] = len(serving_what) > 1
         answer["instances"] = [
@@ -274,6 +275,30 @@ class ModelStateView:
              "since_ms": s.sinceMs or None, "published_ms": s.publishedMs or None}
             for s in stats]
         return answer
+
+
+def _drift_json(serving: list[ModelStats]) -> dict | None:
+    """The current model's drift against its reference, over the parts serving it: each
+    part measures its own records, so a PSI here is the largest of the parts' (the worst
+    share of the data), rows are summed; None when no part measured drift."""
+    measured = [s for s in serving if s.driftRows]
+    if not measured:
+        return None
+    features: dict[str, float] = {}
+    flagged: set[str] = set()
+    for stats in measured:
+        for drift in stats.drift:
+            features[drift.feature] = max(features.get(drift.feature, 0.0), drift.psi)
+            if drift.flagged:
+                flagged.add(drift.feature)
+    output = max(s.outputPsi for s in measured)
+    return {"flagged": any(s.driftFlagged for s in measured),
+            "threshold": measured[0].driftThreshold, "rows": sum(s.driftRows for s in measured),
+            "features": {name: round(value, 6) for name, value in sorted(features.items())},
+            "flagged_features": sorted(flagged),
+            "output_psi": round(output, 6) if output >= 0 else None,
+            "output_flagged": output > measured[0].driftThreshold and any(
+                s.driftFlagged for s in measured)}
 
 
 def _speculative_json(stats: list[ModelStats]) -> dict | None:

@@ -9,7 +9,7 @@ import threading
 import pytest
 from pyflink.common import Row as FlinkRow
 
-from flink_state_fakes import DictMapState
+from flink_state_fakes import KeyedContext
 from jobs.settings import Settings
 from model_server_faults import FaultyModelServer, sklearn_v2_backend
 from modelserving.demo.training import DEMO_DATA_TYPE, demo_dataset, demo_rows
@@ -17,63 +17,6 @@ from modelserving.kafka.clients import encode_record
 from protos import ExternalModel, ModelDescriptor, ModelType, ServingResult
 from udfs.flink.joins import DEAD_LETTERS, EXTERNAL_PENDING, KeyedServing
 from udfs.flink.overlap import FLUSH_AT_MS
-
-
-class Metrics:
-    def add_group(self, name, value=None):
-        return self
-
-    def gauge(self, name, read):
-        pass
-
-
-class Value:
-    def __init__(self, store, name):
-        self.store, self.name = store, name
-
-    def value(self):
-        return self.store.get(self.name)
-
-    def update(self, value):
-        self.store[self.name] = value
-
-    def clear(self):
-        self.store.pop(self.name, None)
-
-
-class KeyedContext:
-    """Runtime, element and timer context of one key; ``state`` is the key's whole state."""
-
-    def __init__(self, state=None):
-        self.state = {} if state is None else state
-        self.processing_timers, self.event_timers = set(), set()
-
-    def get_metrics_group(self):
-        return Metrics()
-
-    def get_index_of_this_subtask(self):
-        return 0
-
-    def get_state(self, descriptor):
-        return Value(self.state, descriptor.name)
-
-    def get_map_state(self, descriptor):
-        return DictMapState(self.state.setdefault(descriptor.name, {}))
-
-    def get_current_key(self):
-        return DEMO_DATA_TYPE
-
-    def timer_service(self):
-        return self
-
-    def current_processing_time(self):
-        return 1_000
-
-    def register_processing_time_timer(self, t):
-        self.processing_timers.add(t)
-
-    def register_event_time_timer(self, t):
-        self.event_timers.add(t)
 
 
 def results_of(outputs) -> list[ServingResult]:

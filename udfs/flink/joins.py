@@ -310,17 +310,37 @@ class ServingJoin:
                 self.defer(ctx, PendingBatch(data_type, part, model.info.model_id, tuple(raws),
                                              tuple(where)), model)
                 return [None] * len(raws)
-            outcomes = self.server.serve(raws, model, error)
+            outcomes, drift = self.scored(raws, model, error, self.reference_of(model))
         except Exception as exc:   # ModelServer.serve never raises; the lookup might
-            outcomes = [self.server.internal_error(raw, exc, "serving a batch", data_type, model)
-                        for raw in raws]
+            outcomes, drift = [self.server.internal_error(raw, exc, "serving a batch", data_type,
+                                                          model) for raw in raws], None
         if data_type:
             try:
                 self.metrics.for_type(data_type).model = model
             except Exception as exc:
                 self.survived("updating the metrics", exc, data_type)
-            self.track(ctx, data_type, part, model, outcomes)
+            self.track(ctx, data_type, part, model, outcomes, drift=drift)
         return outcomes
+
+    def reference_of(self, model):
+        """The reference distribution published with ``model``, for its drift; None when it
+        has none or it cannot be read (drift is then not measured, serving goes on)."""
+        try:
+            return statistics.reference_of(model)
+        except Exception as exc:
+            self.survived("reading a model's reference distribution", exc)
+            return None
+
+    def scored(self, raws, model, error, reference):
+        """``ModelServer.serve``'s outcomes and, when ``reference`` is given, what drift needs
+        of the batch: (model id, reference, [(features, predictions)]). Safe in any thread."""
+        if reference is None:
+            return self.server.serve(raws, model, error), None
+        observed = []
+        outcomes = self.server.serve(raws, model, error,
+                                     observe=lambda batch, predictions: observed.append(
+                                         (batch, predictions)))
+        return outcomes, (model.info.model_id, reference, observed)
 
     # -- batches awaiting their model server (udfs.flink.overlap) -------------------------
 
@@ -330,7 +350,9 @@ class ServingJoin:
         key = ctx.get_current_key()
         batch_id = self.in_flight.new_id(self.subtask)
         self.pending.put(batch_id, batch.encode())
-        self.in_flight.submit(key, batch_id, lambda: self.server.serve(batch.raws, model))
+        reference = self.reference_of(model)
+        self.in_flight.submit(key, batch_id,
+                              lambda: self.scored(batch.raws, model, None, reference))
         timers = ctx.timer_service()
         timers.register_processing_time_timer(timers.current_processing_time() + POLL_MS)
         timers.register_event_time_timer(FLUSH_AT_MS)
@@ -361,8 +383,8 @@ class ServingJoin:
                 batch = batch or PendingBatch.decode(self.pending.get(batch_id))
                 self.pending.remove(batch_id)
                 self.in_flight.forget(key, batch_id)
-                outcomes = future.result()
-                self.track(ctx, batch.data_type, batch.part, UNCHANGED, outcomes)
+                outcomes, drift = future.result()
+                self.track(ctx, batch.data_type, batch.part, UNCHANGED, outcomes, drift=drift)
                 yield from self.answer(outcomes, list(batch.where))
             if waiting:
                 timers = ctx.timer_service()
@@ -380,8 +402,9 @@ class ServingJoin:
             model = self.server.current(batch.data_type, model_id, stored_descriptor)
         except ModelError as exc:
             error = exc
+        reference = self.reference_of(model)
         return self.in_flight.submit(key, batch_id,
-                                     lambda: self.server.serve(batch.raws, model, error))
+                                     lambda: self.scored(batch.raws, model, error, reference))
 
     def answer(self, outcomes: list[Outcome | None], where: list[tuple[int, int]]):
         """Count ``outcomes`` and yield them: one batch of results, and dead letters on the
@@ -410,17 +433,19 @@ class ServingJoin:
 
     # -- statistics ---------------------------------------------------------------------
 
-    def track(self, ctx, data_type: str, part: int, model, outcomes=(), speculative=None) -> None:
+    def track(self, ctx, data_type: str, part: int, model, outcomes=(), speculative=None,
+              drift=None) -> None:
         """Update this key's statistics of ``data_type``; publish at once on a model change,
         else when the periodic timer fires. ``model``: the data type's own model, or
         ``UNCHANGED``; ``speculative``: (set, its figures for the batch) when it was scored
-        speculatively. Never raises: statistics must not stop serving."""
+        speculatively; ``drift``: what ``scored`` observed for the drift figures. Never
+        raises: statistics must not stop serving."""
         try:
-            self._track(ctx, data_type, part, model, outcomes, speculative)
+            self._track(ctx, data_type, part, model, outcomes, speculative, drift)
         except Exception as exc:
             self.survived("keeping statistics", exc, data_type)
 
-    def _track(self, ctx, data_type: str, part: int, model, outcomes, speculative) -> None:
+    def _track(self, ctx, data_type: str, part: int, model, outcomes, speculative, drift) -> None:
         raw = self.stats.get(data_type) if self.stats.contains(data_type) else None
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
         changed = model is not UNCHANGED and statistics.is_change(stats, model)
@@ -436,9 +461,19 @@ class ServingJoin:
             if outcomes and stats.HasField("speculative"):   # served by one model again
                 changed = statistics.follow_set(stats, None) or changed
             statistics.count(stats, outcomes)
+        if drift is not None and stats.hasModel and stats.modelId == drift[0]:
+            if statistics.count_drift(stats, drift[1], drift[2], self.settings.drift_threshold):
+                log.warning("model drift for data type '%s' (%s v%s): %s", data_type,
+                            stats.modelName, stats.modelVersion, statistics.drift_line(stats))
+                changed = True
         self.stats.put(data_type, stats.SerializeToString())
         if changed:
             self.publish(stats)
+        if drift is not None:   # (a new model resets them: ServingMetrics' model setter)
+            try:
+                self.metrics.for_type(data_type).drift(stats)
+            except Exception as exc:
+                self.survived("updating the metrics", exc, data_type)
         if self.settings.stats_interval_ms > 0 and self.stats_timer.value() is None:
             timers = ctx.timer_service()
             due = timers.current_processing_time() + self.settings.stats_interval_ms

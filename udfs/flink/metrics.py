@@ -132,7 +132,8 @@ class _Counters:
         group.gauge("scoring_micros", _safe(lambda: int(self._micros_total / self.scored.value)
                                             if self.scored.value else 0,   # mean model time
                                             "scoring_micros", failures))
-        self.model: LoadedModel | None = None
+        self._model: LoadedModel | None = None
+        self.drift_flagged, self.drift_psi_max = 0, 0.0
         if per_type:
             group.gauge("model_version", _safe(
                 lambda: _numeric(self.model.info.version) if self.model else -1,
@@ -140,6 +141,26 @@ class _Counters:
             group.gauge("model_age_seconds", _safe(
                 lambda: (now_ms() - self.model.since_ms) // 1000 if self.model else -1,
                 "model_age_seconds", failures))
+            # drift of the current model against its reference: flagged (0/1), and the
+            # largest PSI of its features and outputs, in thousandths (gauges are integers)
+            group.gauge("drift_flagged", lambda: self.drift_flagged)
+            group.gauge("drift_psi_max_milli", lambda: int(self.drift_psi_max * 1000))
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @model.setter
+    def model(self, model: LoadedModel | None) -> None:
+        """The data type's model now; another one starts with no drift."""
+        if model is not self._model:
+            self.drift_flagged, self.drift_psi_max = 0, 0.0
+        self._model = model
+
+    def drift(self, stats) -> None:
+        """Take the drift figures of the statistics of this data type's model."""
+        self.drift_flagged = int(stats.driftFlagged)
+        self.drift_psi_max = max([d.psi for d in stats.drift] + [stats.outputPsi, 0.0])
 
     def count(self, kind: str, outcomes) -> None:
         self._by_kind[kind].inc(len(outcomes))
