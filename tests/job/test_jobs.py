@@ -345,9 +345,9 @@ def inject_failures(join) -> None:
         return count(kind, outcomes)
     join.metrics.total.count = failing_count
 
-    def failing_track(ctx, data_type, part, model, outcomes, speculative):   # statistics tracking
+    def failing_track(ctx, data_type, part, model, outcomes, *more):   # statistics tracking
         # after the real work, so that statistics are still published (and fail there too)
-        ServingJoin._track(join, ctx, data_type, part, model, outcomes, speculative)
+        ServingJoin._track(join, ctx, data_type, part, model, outcomes, *more)
         if marked(outcomes, "inject-statistics"):
             raise injected("statistics")
     join._track = failing_track
