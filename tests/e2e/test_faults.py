@@ -132,7 +132,9 @@ def test_oversized_inputs_are_dead_lettered_once_and_the_job_never_restarts(serv
 
 
 # -- 2. TaskManager kills ------------------------------------------------------------------
-KILLS = 5
+#: Kills in a row: 2 in the regular suite (each kill costs about 40 s here), the 5 the
+#: README's figures come from with MODELSERVING_LONG_TESTS=1.
+KILLS = 5 if os.environ.get("MODELSERVING_LONG_TESTS") else 2
 REPORT_DIR = PROJECT_ROOT / "artifacts" / "recovery"
 REPORT = REPORT_DIR / "taskmanager-kills.json"
 
@@ -150,7 +152,7 @@ def left_behind_by(tm_pid: int) -> dict[int, str]:
     return found
 
 
-def test_five_taskmanager_kills_in_a_row_recover_each_time_and_leave_no_orphans(
+def test_taskmanager_kills_in_a_row_recover_each_time_and_leave_no_orphans(
         flink, kafka_broker, trained_models):
     suffix = f"recovery-{uuid.uuid4().hex[:6]}"
     model = trained_models[ModelType.PMML]  # scored in a pypmml JVM beside the Python worker
