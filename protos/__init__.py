@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-_MESSAGES = ("DataRecord", "DeadLetter", "ExternalModel", "FeatureDrift", "ModelDescriptor", "ModelStats",
-             "Reference",
-             "RepositoryEntry", "ServingResult", "SpeculativeModelStats", "SpeculativeOutcome",
+_MESSAGES = ("CandidateSlot", "CandidateStats", "DataRecord", "DeadLetter", "ExternalModel",
+             "FeatureDrift", "ModelDescriptor", "ModelStats", "Reference", "RepositoryEntry",
+             "Rollout", "ServingResult", "SpeculativeModelStats", "SpeculativeOutcome",
              "SpeculativeSet", "Validation", "ValidationFigures", "WineRecord")
 
 __all__ = [*_MESSAGES, "ModelType"]
