@@ -8,6 +8,11 @@
                               serves what (404 when the service reads no repository topic)
     GET /repository/<data_type>   every version of a data type with each job's decisions,
                               oldest first (?version=V: that version alone)
+    GET /timeline             per data type of the repository, its lifecycle timeline: every
+                              deployment (primary or candidate) in time order with its usage,
+                              the current candidate's figures and the current model's drift
+                              (404 when the service reads no repository topic)
+    GET /timeline/<data_type> one data type's timeline
     GET /                     page.html: a static page whose script reads the endpoints above
 
 The server never writes data into HTML: the page is a fixed file, and its script puts every
@@ -32,6 +37,7 @@ from werkzeug.wrappers import Request, Response
 
 from modelserving.state.feed import KafkaStateFeed
 from modelserving.state.repository import RepositoryView
+from modelserving.state.timeline import timeline, timelines
 from modelserving.state.view import DEFAULT_HISTORY_LIMIT, ModelStateView
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,8 @@ class StateApp:
             Rule("/health", endpoint="health", methods=["GET"]),
             Rule("/repository", endpoint="repository", methods=["GET"]),
             Rule("/repository/<path:data_type>", endpoint="repository_history", methods=["GET"]),
+            Rule("/timeline", endpoint="timelines", methods=["GET"]),
+            Rule("/timeline/<path:data_type>", endpoint="timeline", methods=["GET"]),
             Rule("/favicon.ico", endpoint="favicon", methods=["GET"]),
         ], strict_slashes=False)
 
@@ -142,6 +150,20 @@ class StateApp:
                   else self.repository.show(data_type, version))
         if answer is not None:
             return _json(answer)
+        return self._not_in_repository(data_type, version)
+
+    def on_timelines(self, request: Request) -> Response:
+        if self.repository is None:
+            return self._no_repository()
+        return _json(timelines(self.repository, self.view))
+
+    def on_timeline(self, request: Request, data_type: str) -> Response:
+        if self.repository is None:
+            return self._no_repository()
+        answer = timeline(self.repository, self.view, data_type)
+        return self._not_in_repository(data_type) if answer is None else _json(answer)
+
+    def _not_in_repository(self, data_type: str, version: str | None = None) -> Response:
         known = self.repository.data_types()
         what = f"version '{version}' of " if version is not None else "model of "
         return _json({"error": "Not Found", "data_type": data_type, "known_data_types": known,

@@ -17,29 +17,53 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
 from protos import RepositoryEntry
-from udfs.lifecycle.repository import ACCEPTED, Repository, entry_key
+from udfs.lifecycle.repository import ACCEPTED, WITHDRAWN, Repository, entry_key
 from modelserving.state.view import iso
 from udfs.runtimes import type_name
 
 #: How an outcome is named to people.
 OUTCOMES = {value: name for name, value in RepositoryEntry.Outcome.items()}
+#: How the role "" (the data type's own model, beside which a candidate may run) is named.
+PRIMARY = "primary"
+#: How a candidate deployment can end besides being replaced by another candidate version.
+CANDIDATE_ENDINGS = ("promoted", "aborted", WITHDRAWN)
+
+
+def role_label(role: str) -> str:
+    """A deployment's role for people: "primary", or the candidate's ("canary 10%", "shadow")."""
+    return role or PRIMARY
+
+
+def ended_note(deployment: RepositoryEntry.Deployment) -> str:
+    """Why a deployment ended, or why it was refused: "replaced by 2", "withdrawn"; for a
+    candidate also "promoted" or "aborted" (a version named so is still a version when the
+    deployment was the data type's model)."""
+    by = deployment.retiredBy
+    if by and (by in CANDIDATE_ENDINGS if deployment.role else by == WITHDRAWN):
+        return by
+    if by:
+        return f"replaced by {by}"
+    return deployment.reason
 
 
 def deployment_json(deployment: RepositoryEntry.Deployment) -> dict:
     answer = {"job": deployment.job, "outcome": OUTCOMES.get(deployment.outcome, "UNKNOWN"),
+              "role": deployment.role, "role_label": role_label(deployment.role),
               "deployed_ms": deployment.deployedMs or None, "deployed": iso(deployment.deployedMs),
               "retired_ms": deployment.retiredMs or None, "retired": iso(deployment.retiredMs),
               "retired_by": deployment.retiredBy or None, "reason": deployment.reason or None,
-              "validation": None}
+              "note": ended_note(deployment) or None, "validation": None}
     if deployment.HasField("validation"):
         answer["validation"] = MessageToDict(deployment.validation,
                                              always_print_fields_with_no_presence=True)
     return answer
 
 
-def entry_json(entry: RepositoryEntry, serving_on: list[str] = ()) -> dict:
+def entry_json(entry: RepositoryEntry, serving_on: list[str] = (),
+               candidate_on: list[str] = ()) -> dict:
     """One model instance: what was published, and every job's decisions about it.
-    ``serving_on``: the jobs it serves on now."""
+    ``serving_on``: the jobs it serves on now as their model; ``candidate_on``: the jobs
+    where it is the candidate (canary or shadow) now."""
     return {"key": entry_key(entry), "data_type": entry.dataType, "model_id": entry.modelId,
             "name": entry.name, "version": entry.version, "description": entry.description,
             "type": type_name(entry.modelType), "digest": entry.digest,
@@ -51,20 +75,54 @@ def entry_json(entry: RepositoryEntry, serving_on: list[str] = ()) -> dict:
             "descriptor_id": entry.descriptorId, "descriptor_kept": bool(entry.descriptor),
             "has_validation": entry.hasValidation, "has_reference": entry.hasReference,
             "outcome": outcome_of(entry), "serving_on": sorted(serving_on),
+            "candidate_on": sorted(candidate_on),
             "deployments": [deployment_json(d) for d in entry.deployments]}
 
 
 def outcome_of(entry: RepositoryEntry) -> str:
-    """One word for a version: SERVING somewhere, RETIRED (served, stopped everywhere),
-    the latest refusal (REFUSED, VALIDATION_FAILED), or PUBLISHED (no decision yet)."""
+    """One word for a version: SERVING somewhere (as a data type's model), else CANDIDATE
+    somewhere (canary or shadow), RETIRED (served, stopped everywhere), the latest refusal
+    (REFUSED, VALIDATION_FAILED), or PUBLISHED (no decision yet)."""
     if not entry.deployments:
         return "PUBLISHED"
     accepted = [d for d in entry.deployments if d.outcome == ACCEPTED]
-    if any(not d.retiredMs for d in accepted):
+    if any(not d.retiredMs and not d.role for d in accepted):
         return "SERVING"
+    if any(not d.retiredMs for d in accepted):
+        return "CANDIDATE"
     if accepted:
         return "RETIRED"
     return OUTCOMES.get(entry.deployments[-1].outcome, "UNKNOWN")
+
+
+def primaries_only(repository: Repository) -> Repository:
+    """``repository`` without its candidate deployments (those with a role): what
+    ``Repository.serving`` and ``rollback_target`` must look at, since a candidate deployed
+    after the data type's model does not replace it (a promotion records the promoted
+    version's own deployment as the data type's model)."""
+    entries = []
+    for entry in repository.entries.values():
+        kept = RepositoryEntry()
+        kept.CopyFrom(entry)
+        del kept.deployments[:]
+        kept.deployments.extend(d for d in entry.deployments if not d.role)
+        entries.append(kept)
+    return Repository.fold(entries)
+
+
+def candidates(repository: Repository, data_type: str) -> dict[str, tuple[RepositoryEntry, str]]:
+    """Per job, the entry that is ``data_type``'s candidate there now and its role: its
+    latest candidate deployment, unless that one ended."""
+    latest: dict[str, tuple[int, RepositoryEntry, RepositoryEntry.Deployment]] = {}
+    for entry in repository.history(data_type):
+        for deployment in entry.deployments:
+            if deployment.outcome != ACCEPTED or not deployment.role:
+                continue
+            known = latest.get(deployment.job)
+            if known is None or deployment.deployedMs >= known[0]:
+                latest[deployment.job] = (deployment.deployedMs, entry, deployment)
+    return {job: (entry, deployment.role) for job, (_, entry, deployment) in sorted(latest.items())
+            if not deployment.retiredMs}
 
 
 class RepositoryView:
@@ -108,15 +166,21 @@ class RepositoryView:
         on which job."""
         with self._lock:
             repository = self._repository
+            primaries = primaries_only(repository)
             data_types = {}
             for latest in repository.listing():
-                serving = repository.serving(latest.dataType)
+                serving = primaries.serving(latest.dataType)
+                candidate = candidates(repository, latest.dataType)
                 data_types[latest.dataType] = {
                     "data_type": latest.dataType,
                     "versions": len(repository.history(latest.dataType)),
-                    "latest": entry_json(latest, _jobs_serving(serving, latest)),
+                    "latest": entry_json(latest, _jobs_serving(serving, latest),
+                                         _jobs_candidate(candidate, latest)),
                     "serving": {job: {"version": e.version, "name": e.name, "model_id": e.modelId,
-                                      "digest": e.digest} for job, e in serving.items()}}
+                                      "digest": e.digest} for job, e in serving.items()},
+                    "candidates": {job: {"version": e.version, "name": e.name,
+                                         "model_id": e.modelId, "digest": e.digest, "role": role}
+                                   for job, (e, role) in candidate.items()}}
             return {"data_types": data_types, "count": len(data_types)}
 
     def history(self, data_type: str) -> dict | None:
@@ -126,10 +190,14 @@ class RepositoryView:
             versions = self._repository.history(data_type)
             if not versions:
                 return None
-            serving = self._repository.serving(data_type)
+            serving = primaries_only(self._repository).serving(data_type)
+            candidate = candidates(self._repository, data_type)
             return {"data_type": data_type,
-                    "versions": [entry_json(e, _jobs_serving(serving, e)) for e in versions],
-                    "serving": {job: e.version for job, e in serving.items()}}
+                    "versions": [entry_json(e, _jobs_serving(serving, e), _jobs_candidate(candidate, e))
+                                 for e in versions],
+                    "serving": {job: e.version for job, e in serving.items()},
+                    "candidates": {job: {"version": e.version, "role": role}
+                                   for job, (e, role) in candidate.items()}}
 
     def show(self, data_type: str, version: str | None = None) -> dict | None:
         """One version (the latest without ``version``); None when there is no such one."""
@@ -137,7 +205,9 @@ class RepositoryView:
             entry = self._repository.show(data_type, version)
             if entry is None:
                 return None
-            return entry_json(entry, _jobs_serving(self._repository.serving(data_type), entry))
+            return entry_json(entry,
+                              _jobs_serving(primaries_only(self._repository).serving(data_type), entry),
+                              _jobs_candidate(candidates(self._repository, data_type), entry))
 
     def health(self) -> dict:
         with self._lock:
@@ -152,4 +222,11 @@ def _jobs_serving(serving: dict[str, RepositoryEntry], entry: RepositoryEntry) -
     return [job for job, current in serving.items() if entry_key(current) == key]
 
 
-__all__ = ["RepositoryView", "entry_json", "outcome_of"]
+def _jobs_candidate(candidate: dict[str, tuple[RepositoryEntry, str]],
+                    entry: RepositoryEntry) -> list[str]:
+    key = entry_key(entry)
+    return [job for job, (current, _) in candidate.items() if entry_key(current) == key]
+
+
+__all__ = ["PRIMARY", "RepositoryView", "candidates", "ended_note", "entry_json", "outcome_of",
+           "primaries_only", "role_label"]

@@ -24,7 +24,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from protos import ModelStats, SpeculativeSet
+from protos import ModelStats, Rollout, SpeculativeSet
+from udfs.lifecycle.routing import ShadowComparison
 from udfs.runtimes import type_name
 from udfs.statistics import KEYED_PART, stats_key
 
@@ -266,6 +267,7 @@ class ModelStateView:
                                "id": current.modelId, "since_ms": since_ms, "since": iso(since_ms)}
         answer["speculative"] = _speculative_json(stats)
         answer["drift"] = _drift_json(serving)
+        answer["candidate"] = _candidate_json(stats)
         serving_what = {(s.modelId if s.hasModel else "") for s in stats}
         answer["jitter"] = len(serving_what) > 1
         answer["instances"] = [
@@ -299,6 +301,50 @@ def _drift_json(serving: list[ModelStats]) -> dict | None:
             "output_psi": round(output, 6) if output >= 0 else None,
             "output_flagged": output > measured[0].driftThreshold and any(
                 s.driftFlagged for s in measured)}
+
+
+def _candidate_json(stats: list[ModelStats]) -> dict | None:
+    """The data type's candidate (canary or shadow) beside its model, and how it compares,
+    over the parts that have it: the most recent candidate (``sinceMs``) is the data type's,
+    its counts are summed over the parts holding that same candidate (``descriptorId``; a
+    part still holding an older one during a switch is left out, as for the model's usage).
+    Agreement and mean score difference come from the summed counts (``ShadowComparison``),
+    not as a mean of the parts' rates. None when no part has a candidate."""
+    with_candidate = [s.candidate for s in stats if s.HasField("candidate")]
+    if not with_candidate:
+        return None
+    latest = max(with_candidate, key=lambda c: c.sinceMs)
+    same = [c for c in with_candidate if c.descriptorId == latest.descriptorId
+            and c.modelId == latest.modelId]
+    comparison = ShadowComparison(compared=sum(c.compared for c in same),
+                                  agreed=sum(c.agreed for c in same),
+                                  difference_sum=sum(c.differenceSum for c in same),
+                                  abs_difference_sum=sum(c.absDifferenceSum for c in same))
+    records = sum(c.records for c in same)
+    primary_records = sum(c.primaryRecords for c in same)
+    canary = latest.mode == Rollout.CANARY
+    # what the candidate's records are a share of: canary, every record of the data type (the
+    # candidate's and the rest, the primary's); shadow, the records the primary answered
+    of_records = records + primary_records if canary else primary_records
+    since_ms = min((c.sinceMs for c in same if c.sinceMs), default=0)
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 6)
+
+    return {"model": model_label(latest.modelName, latest.modelVersion),
+            "name": latest.modelName, "version": latest.modelVersion,
+            "model_id": latest.modelId, "descriptor_id": latest.descriptorId,
+            "mode": "canary" if canary else "shadow",
+            "share": latest.share if canary else None,
+            "since_ms": since_ms or None, "since": iso(since_ms),
+            "records": records, "failures": sum(c.failures for c in same),
+            "primary_records": primary_records, "of_records": of_records,
+            "record_share": rounded(records / of_records) if of_records else None,
+            "compared": comparison.compared, "agreed": comparison.agreed,
+            "agreement_rate": rounded(comparison.agreement_rate),
+            "mean_score_difference": rounded(comparison.mean_score_difference),
+            "mean_abs_score_difference": rounded(comparison.mean_abs_score_difference),
+            "parts": len(same)}
 
 
 def _speculative_json(stats: list[ModelStats]) -> dict | None:

@@ -498,3 +498,234 @@ def test_speculative_figures_are_summed_over_the_parts_running_the_set(view):
          "failures": 5, "mean_ms": 40.0, "max_ms": 48.0}]}
     view.ingest(key("keyed", "wine"), stats())
     assert view.state("wine")["jobs"]["keyed"]["speculative"] is None
+
+
+# -- canary and shadow: the candidate beside a job's model ---------------------------------------
+
+def with_candidate(raw: bytes, records: int, primary_records: int, compared: int, agreed: int,
+                   difference_sum: float, abs_difference_sum: float, failures: int = 0,
+                   since: int = T0 + 100, mode: str = "CANARY", share: float = 0.1,
+                   version: str = "2", descriptor_id: str = "cand-2", name: str = "mlp") -> bytes:
+    """``raw`` ModelStats with a candidate of these figures (``CandidateStats``)."""
+    from protos import CandidateStats, Rollout
+
+    message = ModelStats.FromString(raw)
+    message.candidate.CopyFrom(CandidateStats(
+        modelId="", modelName=name, modelVersion=version, descriptorId=descriptor_id,
+        mode=Rollout.Mode.Value(mode), share=share if mode == "CANARY" else 0.0, sinceMs=since,
+        records=records, failures=failures, compared=compared, agreed=agreed,
+        differenceSum=difference_sum, absDifferenceSum=abs_difference_sum,
+        primaryRecords=primary_records))
+    return message.SerializeToString()
+
+
+def test_a_canary_candidates_counts_are_summed_over_the_parts_holding_it(view):
+    """Each broadcast part counts its own records: the data type's figures are the sums, and
+    the agreement is that of the sums (1200/1234), not the mean of the parts' rates. A part
+    still holding an older candidate and a part without one are left out of the sums."""
+    view.ingest(key("broadcast", "wine", 0), with_candidate(
+        stats(job="broadcast", part=0), records=400, primary_records=3600, compared=400,
+        agreed=390, difference_sum=4.0, abs_difference_sum=6.0, failures=1, since=T0 + 100))
+    view.ingest(key("broadcast", "wine", 1), with_candidate(
+        stats(job="broadcast", part=1, subtask=1), records=834, primary_records=5366,
+        compared=834, agreed=810, difference_sum=10.8, abs_difference_sum=12.0, failures=2,
+        since=T0 + 50))
+    view.ingest(key("broadcast", "wine", 2), with_candidate(
+        stats(job="broadcast", part=2), records=99, primary_records=1, compared=99, agreed=0,
+        difference_sum=-50.0, abs_difference_sum=50.0, since=T0 - 1000, version="1",
+        descriptor_id="cand-1"))
+    view.ingest(key("broadcast", "wine", 3), stats(job="broadcast", part=3))
+    candidate = view.state("wine")["jobs"]["broadcast"]["candidate"]
+    assert candidate == {
+        "model": "mlp v2", "name": "mlp", "version": "2", "model_id": "",
+        "descriptor_id": "cand-2", "mode": "canary", "share": 0.1,
+        "since_ms": T0 + 50, "since": "2023-11-14T22:13:20.050+00:00",
+        "records": 1234, "failures": 3, "primary_records": 8966, "of_records": 10_200,
+        "record_share": round(1234 / 10_200, 6), "compared": 1234, "agreed": 1200,
+        "agreement_rate": round(1200 / 1234, 6), "mean_score_difference": round(14.8 / 1234, 6),
+        "mean_abs_score_difference": round(18.0 / 1234, 6), "parts": 2}
+    # the figures a person reads: 12.1% of 10,200, agreement 97.2%, difference +0.0120
+    assert (f"{candidate['record_share']:.1%}", f"{candidate['agreement_rate']:.1%}",
+            f"{candidate['mean_score_difference']:+.4f}") == ("12.1%", "97.2%", "+0.0120")
+
+
+def test_a_shadow_candidates_records_are_a_share_of_the_primarys_and_none_without_candidate(view):
+    view.ingest(key("keyed", "wine"), with_candidate(
+        stats(), records=500, primary_records=500, compared=498, agreed=498,
+        difference_sum=-0.996, abs_difference_sum=0.996, failures=2, mode="SHADOW"))
+    candidate = view.state("wine")["jobs"]["keyed"]["candidate"]
+    assert (candidate["mode"], candidate["share"], candidate["of_records"],
+            candidate["record_share"]) == ("shadow", None, 500, 1.0)
+    assert (candidate["agreement_rate"], candidate["mean_score_difference"]) == (1.0, -0.002)
+    # nothing compared yet: no rates rather than a division by zero
+    view.ingest(key("keyed", "wine"), with_candidate(
+        stats(), records=0, primary_records=0, compared=0, agreed=0, difference_sum=0.0,
+        abs_difference_sum=0.0))
+    candidate = view.state("wine")["jobs"]["keyed"]["candidate"]
+    assert (candidate["agreement_rate"], candidate["mean_score_difference"],
+            candidate["record_share"]) == (None, None, None)
+    # the candidate promoted or aborted: the jobs publish statistics without one
+    view.ingest(key("keyed", "wine"), stats(usage=3))
+    assert view.state("wine")["jobs"]["keyed"]["candidate"] is None
+    assert view.models()["data_types"]["wine"]["jobs"]["keyed"]["candidate"] is None
+
+
+# -- the lifecycle timeline: the repository's deployments with the state's figures --------------
+
+def repository_entry(version: str, *deployments: tuple, name: str = "logreg",
+                     data_type: str = "wine"):
+    """A RepositoryEntry of ``version`` with ``deployments``: (job, outcome name, role,
+    deployed, retired, retired by, reason), built field by field as the jobs record them."""
+    from protos import RepositoryEntry
+
+    entry = RepositoryEntry(dataType=data_type, name=name, version=version,
+                            modelType=ModelType.ONNX, digest=f"{version:0>64}",
+                            createdMs=T0 + int(version), publishedMs=T0 + int(version),
+                            descriptorId=f"descriptor-{version}")
+    for job, outcome, role, deployed, retired, by, reason in deployments:
+        entry.deployments.add(job=job, outcome=RepositoryEntry.Outcome.Value(outcome), role=role,
+                              deployedMs=deployed, retiredMs=retired, retiredBy=by, reason=reason)
+    return entry
+
+
+def repository_of(*entries):
+    from modelserving.state.repository import RepositoryView
+
+    folded = RepositoryView()
+    for entry in entries:
+        folded.ingest(None, entry.SerializeToString())
+    return folded
+
+
+REFUSAL = "validation failed on 45 rows: accuracy 0.6000 < minimum 0.9 (27/45 labels)"
+
+
+def canary_then_shadow_repository():
+    """keyed: v1 the model from +1 s; v2 a 10% canary from +10 s, promoted at +30 s (v1
+    retired by 2, v2 accepted as the model); v3 a shadow from +40 s; v4 refused at +50 s.
+    broadcast: v1 the model from +1.5 s, still."""
+    return repository_of(
+        repository_entry("1", ("keyed", "ACCEPTED", "", T0 + 1000, T0 + 30_000, "2", ""),
+                         ("broadcast", "ACCEPTED", "", T0 + 1500, 0, "", "")),
+        repository_entry("2", ("keyed", "ACCEPTED", "canary 10%", T0 + 10_000, T0 + 30_000,
+                               "promoted", ""),
+                         ("keyed", "ACCEPTED", "", T0 + 30_000, 0, "", "")),
+        repository_entry("3", ("keyed", "ACCEPTED", "shadow", T0 + 40_000, 0, "", "")),
+        repository_entry("4", ("keyed", "VALIDATION_FAILED", "", T0 + 50_000, 0, "", REFUSAL)))
+
+
+def with_drift(raw: bytes, features: dict[str, float], flagged: list[str], rows: int,
+               output_psi: float = -1.0, threshold: float = 0.2) -> bytes:
+    from protos import FeatureDrift
+
+    message = ModelStats.FromString(raw)
+    message.drift.extend(FeatureDrift(feature=name, psi=psi, flagged=name in flagged)
+                         for name, psi in features.items())
+    message.outputPsi, message.driftFlagged = output_psi, bool(flagged)
+    message.driftThreshold, message.driftRows = threshold, rows
+    return message.SerializeToString()
+
+
+def canary_then_shadow_state(view):
+    """What the jobs published meanwhile: keyed served v1 for 5,000 records, then v2 (700 so
+    far, drifting on alcohol, v3 in shadow beside it); broadcast's two parts served v1."""
+    view.ingest(key("keyed", "wine"), stats(model="logreg", version="1", since=T0 + 1000,
+                                            usage=5000))
+    view.ingest(key("keyed", "wine"), with_candidate(with_drift(
+        stats(model="logreg", version="2", since=T0 + 30_000, usage=700),
+        {"alcohol": 0.41, "ash": 0.05}, ["alcohol"], rows=600, output_psi=0.12),
+        records=700, primary_records=700, compared=690, agreed=680, difference_sum=0.69,
+        abs_difference_sum=1.38, since=T0 + 40_000, mode="SHADOW", version="3",
+        descriptor_id="descriptor-3", name="logreg"))
+    for part in (0, 1):
+        view.ingest(key("broadcast", "wine", part),
+                    stats(job="broadcast", part=part, subtask=part, model="logreg", version="1",
+                          since=T0 + 1500 + part, usage=10 * (part + 1)))
+
+
+def test_the_timeline_lists_each_deployment_in_time_order_with_usage_and_current_figures(view):
+    from modelserving.state.timeline import timeline
+
+    canary_then_shadow_state(view)
+    answer = timeline(canary_then_shadow_repository(), view, "wine")
+    shown = [(e["deployed_ms"] - T0, e["version"], e["job"], e["role_label"], e["status"],
+              e["retired_ms"] and e["retired_ms"] - T0, e["note"], e["usage"])
+             for e in answer["events"]]
+    assert shown == [
+        (1000, "1", "keyed", "primary", "RETIRED", 30_000, "replaced by 2", 5000),
+        (1500, "1", "broadcast", "primary", "SERVING", None, None, 30),
+        (10_000, "2", "keyed", "canary 10%", "RETIRED", 30_000, "promoted", None),
+        (30_000, "2", "keyed", "primary", "SERVING", None, None, 700),
+        (40_000, "3", "keyed", "shadow", "CANDIDATE", None, None, 700),
+        (50_000, "4", "keyed", "primary", "VALIDATION_FAILED", None, REFUSAL, None)]
+    events = answer["events"]
+    # the current model of each job carries its drift; keyed's current candidate its figures
+    assert events[3]["drift"] == {"flagged": True, "psi_max": 0.41, "psi_max_of": "alcohol",
+                                  "threshold": 0.2, "rows": 600, "flagged_features": ["alcohol"]}
+    assert events[1]["drift"] is None                 # broadcast measures no drift of v1
+    assert events[4]["candidate"]["mode"] == "shadow"
+    assert events[4]["candidate"]["agreement_rate"] == round(680 / 690, 6)
+    assert [e["candidate"] is None for e in events] == [True, True, True, True, False, True]
+    assert [e["deployed"] for e in events][:1] == ["2023-11-14T22:13:21.000+00:00"]
+    json.dumps(answer)
+
+
+def test_a_rolled_back_versions_usage_goes_to_the_deployment_it_served_in(view):
+    """v1 serves twice (rolled back to): the state's history has two entries of v1, each
+    counted for the deployment that started closest to it, not both for one."""
+    from modelserving.state.timeline import timeline
+
+    repository = repository_of(
+        repository_entry("1", ("keyed", "ACCEPTED", "", T0 + 1000, T0 + 5000, "2", ""),
+                         ("keyed", "ACCEPTED", "", T0 + 9000, 0, "", "")),
+        repository_entry("2", ("keyed", "ACCEPTED", "", T0 + 5000, T0 + 9000, "1", "")))
+    for version, since, usage in (("1", T0 + 1000, 10), ("2", T0 + 5000, 20), ("1", T0 + 9000, 30)):
+        view.ingest(key("keyed", "wine"), stats(model="logreg", version=version, since=since,
+                                                usage=usage))
+    events = timeline(repository, view, "wine")["events"]
+    assert [(e["version"], e["status"], e["usage"]) for e in events] == [
+        ("1", "RETIRED", 10), ("2", "RETIRED", 20), ("1", "SERVING", 30)]
+    # without statistics, usage is unknown (None), never 0
+    assert {e["usage"] for e in timeline(repository, ModelStateView(), "wine")["events"]} == {None}
+    assert timeline(repository, view, "beer") is None
+
+
+def test_the_repository_tells_the_model_from_its_candidate():
+    """A candidate deployed after the data type's model does not replace it: the listing
+    names v2 as what serves keyed and v3 as its shadow candidate."""
+    repository = canary_then_shadow_repository()
+    wine = repository.listing()["data_types"]["wine"]
+    assert {job: s["version"] for job, s in wine["serving"].items()} == {"broadcast": "1",
+                                                                         "keyed": "2"}
+    assert wine["candidates"] == {"keyed": {"version": "3", "name": "logreg", "model_id": "",
+                                            "digest": f"{'3':0>64}", "role": "shadow"}}
+    history = repository.history("wine")
+    assert [v["outcome"] for v in history["versions"]] == ["SERVING", "SERVING", "CANDIDATE",
+                                                           "VALIDATION_FAILED"]
+    assert history["candidates"] == {"keyed": {"version": "3", "role": "shadow"}}
+    assert repository.show("wine", "3")["candidate_on"] == ["keyed"]
+    assert repository.show("wine", "3")["serving_on"] == []
+    canary = history["versions"][1]["deployments"][0]
+    assert (canary["role"], canary["role_label"], canary["note"]) == ("canary 10%", "canary 10%",
+                                                                      "promoted")
+
+
+def test_the_timeline_endpoints():
+    view = ModelStateView(history_complete_since_ms=T0 - 5000)
+    canary_then_shadow_state(view)
+    with StateService(port=0, view=view, repository=canary_then_shadow_repository()) as service:
+        status, ctype, body = get(service.url + "/timeline/wine")
+        assert (status, ctype) == (200, "application/json")
+        assert [e["version"] for e in json.loads(body)["events"]] == ["1", "1", "2", "2", "3", "4"]
+        status, _, body = get(service.url + "/timeline")
+        assert status == 200 and list(json.loads(body)["data_types"]) == ["wine"]
+        assert json.loads(body)["data_types"]["wine"] == json.loads(
+            get(service.url + "/timeline/wine")[2])
+        status, _, body = get(service.url + "/timeline/beer")
+        assert status == 404 and json.loads(body)["known_data_types"] == ["wine"]
+
+
+def test_without_a_repository_the_timeline_says_so(service):
+    status, _, body = get(service.url + "/timeline")
+    assert status == 404 and "reads no repository topic" in json.loads(body)["message"]
+    assert get(service.url + "/timeline/wine")[0] == 404
