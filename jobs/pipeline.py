@@ -33,6 +33,7 @@ from jobs.kafka_config import (
     kafka_python,
 )
 from jobs.settings import Settings
+from udfs.flink.joins import shadow_results_of
 
 log = logging.getLogger("modelserving")
 
@@ -268,6 +269,10 @@ def kafka_pipeline(env: StreamExecutionEnvironment, settings: Settings, build: B
         .name("results: " + settings.results_topic).uid(f"{job}-results-sink")
     dead_letters.sink_to(kafka_sink(settings, settings.dead_letter_topic, "dead-letters")) \
         .name("dead letters: " + settings.dead_letter_topic).uid(f"{job}-dead-letters-sink")
+    if settings.shadow_topic:
+        shadow_results_of(result_batches) \
+            .sink_to(kafka_sink(settings, settings.shadow_topic, "shadow")) \
+            .name("shadow results: " + settings.shadow_topic).uid(f"{job}-shadow-sink")
 
 
 def run_job(job: str, build: BuildPipeline, argv: list[str] | None = None) -> None:

@@ -57,6 +57,9 @@ class Settings:
         "model-repository", "compacted topic of the model repository (RepositoryEntry per model "
         "and job): every model a job accepts or refuses, and when it stops serving, read by "
         "`modelserving models` and the state service; empty disables publishing")
+    shadow_topic: str = _setting(
+        "model-shadow", "topic of the ServingResult messages of candidate models in shadow mode "
+        "(`publish model --shadow`); empty: they are only compared with the primary's, not written")
     stats_interval_ms: int = _setting(
         5000, "how often the statistics are published while records flow (and on every model change)")
     group_id: str = _setting("", "Kafka consumer group id; empty means modelserving-<job>")
@@ -274,10 +277,10 @@ class Settings:
                                     f"topics' message limit), not {getattr(self, name)}")
         self._validate_model_servers()
         topics = [self.data_topic, self.models_topic, self.results_topic, self.dead_letter_topic,
-                  self.state_topic, self.repository_topic]
+                  self.state_topic, self.repository_topic, self.shadow_topic]
         topics = [t for t in topics if t]
         if len(set(topics)) != len(topics):
-            raise SettingsError(f"data, models, results, dead-letter, state and repository topics "
+            raise SettingsError(f"data, models, results, dead-letter, state, repository and shadow topics "
                                 f"must differ: {topics}")
 
     def _validate_model_servers(self) -> None:

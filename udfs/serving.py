@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from protos import DeadLetter, ServingResult, SpeculativeModelStats, SpeculativeOutcome
+from udfs.candidates import CandidateChange, rollout_change
 from udfs.errors import ModelError, ModelUnavailable, RecordError, RecordTooLarge, ResultTooLarge
 from udfs.failures import FailureLog, describe as describe_failure
 from udfs.lifecycle.digest import model_digest
@@ -101,13 +102,15 @@ class ModelServer:
 
     # -- models -----------------------------------------------------------------------------
 
-    def build(self, raw: bytes) -> LoadedModel | Withdrawal | SetChange:
+    def build(self, raw: bytes) -> LoadedModel | Withdrawal | SetChange | CandidateChange:
         """Check and load a descriptor without touching what is serving; raises ModelError.
 
         A loaded model gets its digest (``ModelInfo.digest``, on every result it scores) and
         passes its descriptor's validation gate, if it has one, before it is returned: a
         model that misses it is closed and refused (``ValidationFailed``, with the figures)."""
         descriptor = parse_descriptor(raw)
+        if descriptor.HasField("rollout"):
+            return rollout_change(descriptor, self.build)
         if descriptor.WhichOneof("MessageContent") == "speculative":
             return plan_of(descriptor, raw, self.speculative_max_budget_ms)
         info = describe(descriptor, raw)
@@ -187,8 +190,8 @@ class ModelServer:
             if raw is None:
                 raise ModelError(f"model {model_id} is in state without its descriptor")
             model = self.build(raw)
-            if isinstance(model, Withdrawal):
-                raise ModelError("a withdrawal is stored as a model")
+            if not isinstance(model, LoadedModel):
+                raise ModelError(f"what is stored as a model is not one ({type(model).__name__})")
         except ModelError as exc:
             self._broken[data_type] = (model_id, exc)
             log.error("model restored from state for %s failed to load: %s",

@@ -113,6 +113,41 @@ def count_speculative(stats: ModelStats, tally: Iterable[SpeculativeModelStats],
     count(stats, [outcome for outcome in outcomes if outcome.kind != SCORED])
 
 
+def follow_candidate(stats: ModelStats, candidacy, model: LoadedModel | None) -> bool:
+    """Point the candidate figures at ``candidacy`` (``udfs.candidates.Candidacy``, None:
+    no candidate) and its loaded ``model`` (None: it could not be loaded); True when that is
+    a change. A new candidate starts from zero."""
+    if candidacy is None:
+        if not stats.HasField("candidate"):
+            return False
+        stats.ClearField("candidate")
+        return True
+    current = stats.candidate
+    if stats.HasField("candidate") and current.descriptorId == candidacy.model_id:
+        return False
+    current.Clear()
+    current.descriptorId, current.mode = candidacy.model_id, candidacy.mode
+    current.share, current.sinceMs = candidacy.share, candidacy.since_ms
+    if model is not None:
+        current.modelId, current.modelName = model.info.declared_id, model.info.name
+        current.modelVersion = model.info.version
+    return True
+
+
+def count_candidate(stats: ModelStats, figures, primary_records: int) -> None:
+    """Add one batch served beside the candidate (``udfs.candidates.BesideFigures``) and the
+    number of records the primary answered in it."""
+    candidate = stats.candidate
+    comparison = figures.comparison
+    candidate.records += figures.records
+    candidate.failures += figures.failures
+    candidate.compared += comparison.compared
+    candidate.agreed += comparison.agreed
+    candidate.differenceSum += comparison.difference_sum
+    candidate.absDifferenceSum += comparison.abs_difference_sum
+    candidate.primaryRecords += primary_records
+
+
 def reference_of(model: LoadedModel | None) -> Reference | None:
     """The reference distribution published with ``model`` (None: none), read from its
     descriptor once per model."""

@@ -66,7 +66,8 @@ def create_topics(settings, partitions: int = 2, compact_models: bool = False) -
     """The job's topics. The state and repository topics are compacted (the jobs key their
     records); the models topic is not by default: the tutorial's producers send models
     without a key, which a compacted topic refuses."""
-    topics = [settings.data_topic, settings.results_topic, settings.dead_letter_topic]
+    topics = [t for t in (settings.data_topic, settings.results_topic, settings.dead_letter_topic,
+                          settings.shadow_topic) if t]
     models = [settings.models_topic]
     state = [t for t in (settings.state_topic, settings.repository_topic) if t]
     ensure_topics(settings, topics + ([] if compact_models else models),

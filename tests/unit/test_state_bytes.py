@@ -65,4 +65,4 @@ def test_broadcast_state_names_do_not_depend_on_the_mode():
     names = lambda mode: [d.name for d in broadcast_states(StateBytes(mode))]
     assert names(True) == names(False) == [
         "model-descriptors", "model-ids", "model-slots", "model-slot-ids", "speculative-sets",
-        "repository-entries"]
+        "repository-entries", "candidate-slots"]

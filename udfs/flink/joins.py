@@ -52,13 +52,16 @@ import time
 
 from protos import DeadLetter, ModelDescriptor, ModelStats, ModelType
 from udfs import statistics
-from udfs.errors import ModelError
+from udfs.candidates import (ABORT, ABORTED, DEPLOY, PROMOTE, PROMOTED, CandidateChange,
+                             Candidacy, beside, candidate_key, role_of)
+from udfs.errors import ModelError, ModelRejected
 from udfs.models import model_id as digest_id, parse_descriptor
 from udfs.failures import FailureLog
 from udfs.flink.batches import BYTES, by_data_type, chunks, positions
 from udfs.flink.keys import ModelDataType, key_failure, subtask_index
 from udfs.flink.metrics import ServingMetrics
 from udfs.flink.model_repository import EntriesOf, RepositoryRecorder
+from udfs.lifecycle.repository import WITHDRAWN
 from udfs.flink.overlap import FLUSH_AT_MS, POLL_MS, BatchesInFlight, PendingBatch
 from udfs.flink.publishing import StatsPublisher
 from udfs.flink.state_bytes import StateBytes, broadcast_states
@@ -69,6 +72,8 @@ from udfs.speculative import SetChange, SpeculativePlan, member_key
 log = logging.getLogger("modelserving")
 
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
+#: The results of candidate models in shadow mode (``udfs.candidates``), one per record.
+SHADOW_RESULTS = OutputTag("shadow-results", BYTES)
 
 
 def dead_letters_of(serving: DataStream) -> DataStream:
@@ -78,6 +83,11 @@ def dead_letters_of(serving: DataStream) -> DataStream:
     ``PyGILState_Ensure`` there (any pybind11 module's import, e.g. onnxruntime) waits for
     the interpreter lock its own thread holds, forever (docs/benchmarks/README.md)."""
     return DataStream(serving._j_data_stream.getSideOutput(DEAD_LETTERS.get_java_output_tag()))
+
+
+def shadow_results_of(serving: DataStream) -> DataStream:
+    """The join's shadow results (bytes), taken on the JVM side like ``dead_letters_of``."""
+    return DataStream(serving._j_data_stream.getSideOutput(SHADOW_RESULTS.get_java_output_tag()))
 
 
 #: Keyed state of the keyed join, per data type: modelId -> descriptor bytes and -> model id
@@ -104,6 +114,9 @@ MODEL_DESCRIPTOR = "model-descriptor"
 REPOSITORY_ENTRIES = "repository-entries"
 #: Where recording a model in the repository failed (survived).
 RECORDING = "recording a model in the repository"
+#: Keyed state of the keyed join: the data type's candidate (``CandidateSlot`` bytes); the
+#: broadcast join's is broadcast state (``BroadcastStates.candidates``).
+KEYED_CANDIDATE = "candidate-slot"
 
 
 class ServingJoin:
@@ -147,6 +160,9 @@ class ServingJoin:
         # data type -> its speculative set (None: none), read from state once per subtask and
         # then kept up to date by the models this subtask installs: no state read per batch
         self.sets: dict[str, SpeculativePlan | None] = {}
+        # data type -> its candidate (None: none), the same way
+        self.candidacies: dict[str, Candidacy | None] = {}
+        self.shadow: list[bytes] = []   # shadow results of the batch being served
 
     def close(self):
         if self.in_flight is not None:
@@ -196,6 +212,10 @@ class ServingJoin:
         """(model id, descriptor loader) of ``data_type``'s model published as ``declared_id``."""
         raise NotImplementedError
 
+    def candidate_lookup(self, ctx, data_type: str) -> bytes | None:
+        """The ``CandidateSlot`` bytes of ``data_type``'s candidate, None when it has none."""
+        raise NotImplementedError
+
     def data_types(self, key, records) -> dict[str, list[int]]:
         """Indexes of ``records`` per data type, in arrival order."""
         raise NotImplementedError
@@ -233,6 +253,10 @@ class ServingJoin:
                     [where[index] for index in indexes])):
                 outcomes[index] = outcome
         yield from self.answer(outcomes, where)
+        if self.shadow:
+            shadow, self.shadow = self.shadow, []
+            for result in shadow:
+                yield SHADOW_RESULTS, result
         if self.in_flight is not None and self.in_flight.count(key) > self.in_flight.limit:
             yield from self.collect(ctx, key, oldest=True)   # back-pressure: wait for the oldest
 
@@ -251,11 +275,61 @@ class ServingJoin:
                     for raw in raws]
         if plan is not None:
             return self.serve_speculative(ctx, data_type, part, raws, plan, started)
+        candidacy = None
+        try:
+            if data_type:
+                candidacy = self.candidacy(ctx, data_type)
+        except Exception as exc:
+            self.survived("reading the candidate model", exc, data_type)
         outcomes: list[Outcome | None] = []
         for piece in chunks(list(range(len(raws))), self.settings.batch_max_size):
-            outcomes.extend(self.serve_batch(ctx, data_type, part, [raws[i] for i in piece],
-                                             [where[i] for i in piece]))
+            if candidacy is not None:
+                outcomes.extend(self.serve_beside(ctx, data_type, part, [raws[i] for i in piece],
+                                                  candidacy))
+            else:
+                outcomes.extend(self.serve_batch(ctx, data_type, part, [raws[i] for i in piece],
+                                                 [where[i] for i in piece]))
         return outcomes
+
+    def candidacy(self, ctx, data_type: str) -> Candidacy | None:
+        if data_type in self.candidacies:
+            return self.candidacies[data_type]
+        raw = self.candidate_lookup(ctx, data_type)
+        candidacy = self.candidacies[data_type] = Candidacy.of(raw) if raw else None
+        return candidacy
+
+    def serve_beside(self, ctx, data_type: str, part: int, raws: list[bytes],
+                     candidacy: Candidacy) -> list[Outcome]:
+        """The records' outcomes with a candidate beside the primary (``udfs.candidates``):
+        the primary scores them all, the candidate its share (canary) or all (shadow, its
+        results kept for the shadow output). Synchronous, also for EXTERNAL models. Never
+        raises."""
+        primary, error, candidate = None, None, None
+        try:
+            model_id, stored_descriptor = self.model_lookup(ctx, data_type)
+            try:
+                primary = self.server.current(data_type, model_id, stored_descriptor)
+            except ModelError as exc:
+                error = exc
+            outcomes, drift = self.scored(raws, primary, error, self.reference_of(primary))
+            try:
+                candidate = self.server.current(candidate_key(data_type), candidacy.model_id,
+                                                candidacy.descriptor)
+            except ModelError as exc:   # logged once by current(); the primary answers
+                candidate = None
+            serve = (lambda chosen: self.server.serve(chosen, candidate)) if candidate else None
+            batch = beside(candidacy, raws, outcomes, serve)
+        except Exception as exc:
+            return [self.server.internal_error(raw, exc, "serving a batch beside a candidate",
+                                               data_type, primary) for raw in raws]
+        self.shadow.extend(batch.shadow)
+        try:
+            self.metrics.for_type(data_type).model = primary
+        except Exception as exc:
+            self.survived("updating the metrics", exc, data_type)
+        self.track(ctx, data_type, part, primary, batch.primary_served, drift=drift,
+                   beside=(candidacy, candidate, batch.figures))
+        return batch.outcomes
 
     def speculative_plan(self, ctx, data_type: str) -> SpeculativePlan | None:
         if data_type in self.sets:
@@ -434,18 +508,20 @@ class ServingJoin:
     # -- statistics ---------------------------------------------------------------------
 
     def track(self, ctx, data_type: str, part: int, model, outcomes=(), speculative=None,
-              drift=None) -> None:
+              drift=None, beside=None) -> None:
         """Update this key's statistics of ``data_type``; publish at once on a model change,
         else when the periodic timer fires. ``model``: the data type's own model, or
         ``UNCHANGED``; ``speculative``: (set, its figures for the batch) when it was scored
-        speculatively; ``drift``: what ``scored`` observed for the drift figures. Never
-        raises: statistics must not stop serving."""
+        speculatively; ``drift``: what ``scored`` observed for the drift figures; ``beside``:
+        (candidacy, candidate model, ``BesideFigures``) when it was served beside a
+        candidate. Never raises: statistics must not stop serving."""
         try:
-            self._track(ctx, data_type, part, model, outcomes, speculative, drift)
+            self._track(ctx, data_type, part, model, outcomes, speculative, drift, beside)
         except Exception as exc:
             self.survived("keeping statistics", exc, data_type)
 
-    def _track(self, ctx, data_type: str, part: int, model, outcomes, speculative, drift) -> None:
+    def _track(self, ctx, data_type: str, part: int, model, outcomes, speculative, drift,
+               beside) -> None:
         raw = self.stats.get(data_type) if self.stats.contains(data_type) else None
         stats = ModelStats.FromString(raw) if raw else statistics.new_stats(self.job, data_type, part, self.subtask)
         changed = model is not UNCHANGED and statistics.is_change(stats, model)
@@ -461,6 +537,14 @@ class ServingJoin:
             if outcomes and stats.HasField("speculative"):   # served by one model again
                 changed = statistics.follow_set(stats, None) or changed
             statistics.count(stats, outcomes)
+        candidate_gone = False
+        if beside is not None:
+            candidacy, candidate, figures = beside
+            changed = statistics.follow_candidate(stats, candidacy, candidate) or changed
+            statistics.count_candidate(stats, figures, sum(1 for o in outcomes if o.kind == "scored"))
+        elif outcomes and stats.HasField("candidate"):   # its candidate is gone
+            candidate_gone = statistics.follow_candidate(stats, None, None)
+            changed = changed or candidate_gone
         if drift is not None and stats.hasModel and stats.modelId == drift[0]:
             if statistics.count_drift(stats, drift[1], drift[2], self.settings.drift_threshold):
                 log.warning("model drift for data type '%s' (%s v%s): %s", data_type,
@@ -469,9 +553,12 @@ class ServingJoin:
         self.stats.put(data_type, stats.SerializeToString())
         if changed:
             self.publish(stats)
-        if drift is not None:   # (a new model resets them: ServingMetrics' model setter)
-            try:
-                self.metrics.for_type(data_type).drift(stats)
+        if drift is not None or beside is not None or candidate_gone:
+            try:   # (a new model resets its drift: ServingMetrics' model setter)
+                counters = self.metrics.for_type(data_type)
+                if drift is not None:
+                    counters.drift(stats)
+                counters.candidate(stats)
             except Exception as exc:
                 self.survived("updating the metrics", exc, data_type)
         if self.settings.stats_interval_ms > 0 and self.stats_timer.value() is None:
@@ -564,6 +651,32 @@ class ServingJoin:
         except Exception as exc:
             self.survived(RECORDING, exc, data_type)
 
+    def record_candidate(self, store: "ModelStore", data_type: str, change, previous: bytes | None,
+                         publish: bool) -> None:
+        """Record what became of the data type's candidate: ``change`` (a ``CandidateChange``,
+        or None when a withdrawal of the data type ended it) and the candidate ``previous``
+        (``CandidateSlot`` bytes before it, or None). Never raises."""
+        if not self.settings.repository_topic:
+            return
+        try:
+            at_ms = now_ms()
+            entries = store.entries()
+            if previous is not None:
+                ended = Candidacy.of(previous)
+                if change is None:
+                    ended_by = WITHDRAWN
+                elif change.action == DEPLOY:
+                    ended_by = change.model.info.version or change.model.info.name
+                else:
+                    ended_by = PROMOTED if change.action == PROMOTE else ABORTED
+                self.recorder.candidate_ended(entries, ended.model_id, ended.descriptor(), at_ms,
+                                              ended_by, publish)
+            if change is not None and change.action == DEPLOY:
+                self.recorder.candidate_deployed(entries, change.model, role_of(change.rollout),
+                                                 change.model.since_ms, publish)
+        except Exception as exc:
+            self.survived(RECORDING, exc, data_type)
+
     def model_failed(self, raw: bytes, exc: Exception, where: str, report: bool = True):
         """An internal error while handling a model: counted, and its dead letter (when
         ``report``: one instance of the broadcast join reports for all), else None."""
@@ -590,6 +703,8 @@ class ServingJoin:
         set of the data type), or a speculative set change. Returns what the data type's own
         model now is: the model, None, or UNCHANGED. Raises when the state or the swap fails
         (the caller restores the state)."""
+        if isinstance(model, CandidateChange):
+            return self.change_candidate(store, data_type, model)
         if isinstance(model, SetChange):
             self.sets.pop(data_type, None)   # read again from state by the next batch
             if model.plan is None:
@@ -604,7 +719,10 @@ class ServingJoin:
         if isinstance(model, Withdrawal):
             if not declared:
                 self.sets.pop(data_type, None)
+                self.candidacies.pop(data_type, None)
                 store.clear_all()
+                store.clear_candidate()
+                self.server.install(candidate_key(data_type), None)
                 for key in self.server.keys_of(data_type):
                     self.server.install(key, None)
                 self.installed(data_type, model)
@@ -624,6 +742,42 @@ class ServingJoin:
             store.put_slot(declared, model.info.model_id, model.raw)
             self.server.install(member_key(data_type, declared), model)
         self.installed(data_type, model)
+        return model
+
+    def change_candidate(self, store: "ModelStore", data_type: str, change: CandidateChange):
+        """Deploy, promote or abort the data type's candidate (``udfs.candidates``). A
+        promotion installs the candidate as the data type's model (and under its modelId as
+        one of its named models), serving from now. Raises ModelRejected when there is no
+        candidate to promote or abort."""
+        key = candidate_key(data_type)
+        self.candidacies.pop(data_type, None)   # read again from state by the next batch
+        if change.action == DEPLOY:
+            store.put_candidate(change.slot())
+            self.server.install(key, change.model)
+            log.info("%s is the candidate (%s) beside the serving model (subtask %d)",
+                     change.model.info, role_of(change.rollout), self.subtask)
+            return UNCHANGED
+        raw = store.candidate_raw()
+        if raw is None:
+            verb = "promote" if change.action == PROMOTE else "abort"
+            raise ModelRejected(f"data type '{data_type}' has no candidate model to {verb}",
+                                data_type=data_type)
+        if change.action == ABORT:
+            store.clear_candidate()
+            self.server.install(key, None)
+            log.info("candidate of data type '%s' aborted (subtask %d)", data_type, self.subtask)
+            return UNCHANGED
+        candidacy = Candidacy.of(raw)
+        model = self.server.current(key, candidacy.model_id, candidacy.descriptor)
+        model.since_ms = now_ms()   # it serves the data type from now (the same object: the
+        store.put_own(model.info.model_id, model.raw)   # cache must not close it below)
+        declared = model.info.declared_id
+        if declared:
+            store.put_slot(declared, model.info.model_id, model.raw)
+            self.server.install(member_key(data_type, declared), model)
+        self.installed(data_type, model)
+        store.clear_candidate()
+        self.server.install(key, None)
         return model
 
     def installed(self, data_type: str, model: LoadedModel | Withdrawal) -> None:
@@ -651,22 +805,41 @@ class ServingJoin:
         None)."""
         snapshot = None
         try:
-            snapshot = store.snapshot(_declared_of(model))
+            snapshot = store.snapshot(_declared_of(model, store))
             own = self.install_descriptor(store, data_type, model)
         except Exception as exc:
             self.sets.pop(data_type, None)
+            self.candidacies.pop(data_type, None)
             if snapshot is not None:
                 try:
                     store.restore(snapshot)
                 except Exception as again:
                     self.survived("restoring the model state", again, data_type)
+            if isinstance(exc, ModelError):   # the descriptor's fault (nothing to promote)
+                return UNCHANGED, self.refused(raw, exc, report)
             return UNCHANGED, self.model_failed(raw, exc, "installing a model", report)
+        if isinstance(model, CandidateChange):
+            self.record_candidate(store, data_type, model, snapshot[-1], report)
+        elif snapshot[-1] is not None and isinstance(model, Withdrawal) and not _declared_of(model, store):
+            self.record_candidate(store, data_type, None, snapshot[-1], report)
         if own is not UNCHANGED:
             self.record_switch(store, data_type, own, snapshot[:2], report)
         return own, None
 
+    def refused(self, raw: bytes, error: ModelError, report: bool):
+        """A refused descriptor's dead letter (when ``report``), counted; else None."""
+        if not report:
+            return None
+        log.warning("model rejected: %s", error)
+        self.metrics.bad_models.inc()
+        return self.server.model_dead_letter(raw, error)
 
-def _declared_of(model) -> str:
+
+def _declared_of(model, store: "ModelStore") -> str:
+    """The modelId of the named model installing ``model`` may change."""
+    if isinstance(model, CandidateChange):
+        raw = store.candidate_raw() if model.action == PROMOTE else None
+        return ModelDescriptor.FromString(Candidacy.of(raw).descriptor()).modelId if raw else ""
     return "" if isinstance(model, SetChange) else model.info.declared_id
 
 
@@ -682,11 +855,17 @@ class ModelStore:
         return ModelDescriptor.FromString(raw).modelId if raw else ""
 
     def snapshot(self, declared: str):
+        """What installing a descriptor may change; the candidate comes last."""
         slot = self.slot(declared) if declared else (None, None)
-        return self.own_id(), self.own_descriptor(), declared, slot, self.set_raw()
+        return (self.own_id(), self.own_descriptor(), declared, slot, self.set_raw(),
+                self.candidate_raw())
 
     def restore(self, snapshot) -> None:
-        own_id, own_raw, declared, (slot_id, slot_raw), set_raw = snapshot
+        own_id, own_raw, declared, (slot_id, slot_raw), set_raw, candidate_raw = snapshot
+        if candidate_raw is None:
+            self.clear_candidate()
+        else:
+            self.put_candidate(candidate_raw)
         if own_id is None:
             self.clear_own()
         else:
@@ -725,6 +904,8 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
             runtime_context.get_state(coding.value_descriptor(KEYED_SPECULATIVE_SET)))
         self.entries = coding.map(
             runtime_context.get_map_state(coding.map_descriptor(REPOSITORY_ENTRIES)))
+        self.candidate = coding.value(
+            runtime_context.get_state(coding.value_descriptor(KEYED_CANDIDATE)))
         self.store = KeyedModelStore(self)
 
     def model_store(self, ctx, data_type):
@@ -735,6 +916,9 @@ class KeyedServing(ServingJoin, KeyedCoProcessFunction):
 
     def speculative_lookup(self, ctx, data_type):
         return self.speculative_set.value()
+
+    def candidate_lookup(self, ctx, data_type):
+        return self.candidate.value()
 
     def member_lookup(self, ctx, data_type, declared_id):
         if not self.slot_ids.contains(declared_id):
@@ -824,6 +1008,15 @@ class KeyedModelStore(ModelStore):
         self.join.slot_ids.clear()
         self.clear_set()
 
+    def candidate_raw(self):
+        return self.join.candidate.value()
+
+    def put_candidate(self, raw):
+        self.join.candidate.update(raw)
+
+    def clear_candidate(self):
+        self.join.candidate.clear()
+
     def entries(self):
         return self.join.entries
 
@@ -851,6 +1044,10 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
     def speculative_lookup(self, ctx, data_type):
         sets = self.broadcast_bytes(ctx, self.states.sets)
         return sets.get(data_type) if sets.contains(data_type) else None
+
+    def candidate_lookup(self, ctx, data_type):
+        candidates = self.broadcast_bytes(ctx, self.states.candidates)
+        return candidates.get(data_type) if candidates.contains(data_type) else None
 
     def model_store(self, ctx, data_type):
         return BroadcastModelStore(self, ctx, data_type)
@@ -884,7 +1081,8 @@ class BroadcastServing(ServingJoin, KeyedBroadcastProcessFunction):
             if dead_letter is not None:
                 yield DEAD_LETTERS, dead_letter
             return
-        data_type = model.data_type if isinstance(model, SetChange) else model.info.data_type
+        data_type = (model.data_type if isinstance(model, (SetChange, CandidateChange))
+                     else model.info.data_type)
         _, dead_letter = self.apply_model(BroadcastModelStore(self, ctx, data_type), data_type, raw,
                                           model, report)
         if dead_letter is not None:
@@ -902,6 +1100,7 @@ class BroadcastModelStore(ModelStore):
         self.slot_ids = ctx.get_broadcast_state(states.slot_ids)
         self.slots = join.broadcast_bytes(ctx, states.slots)
         self.sets = join.broadcast_bytes(ctx, states.sets)
+        self.candidates = join.broadcast_bytes(ctx, states.candidates)
         self.join, self.ctx = join, ctx
 
     def own_id(self):
@@ -950,6 +1149,16 @@ class BroadcastModelStore(ModelStore):
             _remove(self.slot_ids, key)
             _remove(self.slots, key)
         self.clear_set()
+
+    def candidate_raw(self):
+        return (self.candidates.get(self.data_type) if self.candidates.contains(self.data_type)
+                else None)
+
+    def put_candidate(self, raw):
+        self.candidates.put(self.data_type, raw)
+
+    def clear_candidate(self):
+        _remove(self.candidates, self.data_type)
 
     def entries(self):
         """The data type's entries in the broadcast state of every data type's entries."""

@@ -7,7 +7,9 @@ in statistics, metrics or batching), ``models_loaded``, ``scoring_micros``,
 and per data type ``modelserving.datatype.<type>.*`` plus ``model_version`` and
 ``model_age_seconds``; for a data type served speculatively, per model of its set
 ``modelserving.datatype.<type>.model.<modelId>.`` ``answered``, ``wins``, ``timeouts``,
-``failures`` and ``latency_ms`` (mean, batch start to its answer).
+``failures`` and ``latency_ms`` (mean, batch start to its answer); for a data type with a
+candidate model (canary or shadow) ``candidate_records``, ``candidate_failures``,
+``candidate_agreement_milli`` and ``candidate_score_difference_micro``.
 
 Metrics never raise into the join: a failure to count is logged (rate-limited, with its stack
 trace) and counted in ``internal_errors``; a gauge that cannot be read reads -1 (PyFlink reads
@@ -145,6 +147,14 @@ class _Counters:
             # largest PSI of its features and outputs, in thousandths (gauges are integers)
             group.gauge("drift_flagged", lambda: self.drift_flagged)
             group.gauge("drift_psi_max_milli", lambda: int(self.drift_psi_max * 1000))
+            # the candidate beside the model (canary or shadow, udfs.candidates): records it
+            # answered or scored, failed, and its agreement with the model (thousandths, -1
+            # before any record compared) and mean score difference (millionths)
+            self.candidate_figures = (0, 0, -1, 0)
+            for index, name in enumerate(("candidate_records", "candidate_failures",
+                                          "candidate_agreement_milli",
+                                          "candidate_score_difference_micro")):
+                group.gauge(name, lambda index=index: self.candidate_figures[index])
 
     @property
     def model(self) -> LoadedModel | None:
@@ -161,6 +171,16 @@ class _Counters:
         """Take the drift figures of the statistics of this data type's model."""
         self.drift_flagged = int(stats.driftFlagged)
         self.drift_psi_max = max([d.psi for d in stats.drift] + [stats.outputPsi, 0.0])
+
+    def candidate(self, stats) -> None:
+        """Take the candidate figures of the statistics of this data type (none: zeros)."""
+        if not stats.HasField("candidate"):
+            self.candidate_figures = (0, 0, -1, 0)
+            return
+        c = stats.candidate
+        self.candidate_figures = (
+            c.records, c.failures, c.agreed * 1000 // c.compared if c.compared else -1,
+            int(c.differenceSum / c.compared * 1e6) if c.compared else 0)
 
     def count(self, kind: str, outcomes) -> None:
         self._by_kind[kind].inc(len(outcomes))

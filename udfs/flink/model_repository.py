@@ -81,10 +81,26 @@ class RepositoryRecorder:
             recorded.append(entry)
         return recorded
 
+    def candidate_deployed(self, entries, model, role: str, at_ms: int,
+                           publish: bool) -> RepositoryEntry:
+        """``model`` became its data type's candidate (``role``: "canary 10%", "shadow")."""
+        entry = entry_from_descriptor(ModelDescriptor.FromString(model.raw), model.raw,
+                                      model.info.digest)
+        entry = record_deployment(self._known(entries, entry), self.job, ACCEPTED, at_ms, role=role)
+        self._keep(entries, entry, publish)
+        return entry
+
+    def candidate_ended(self, entries, candidate_id: str, candidate_raw: bytes, at_ms: int,
+                        ended_by: str, publish: bool) -> RepositoryEntry | None:
+        """The candidate of id ``candidate_id`` stopped being one: ``ended_by`` "promoted",
+        "aborted", "withdrawn" or the candidate version that replaced it."""
+        return self._retire(entries, candidate_id, candidate_raw, at_ms, ended_by, publish,
+                            candidate=True)
+
     def _retire(self, entries, previous_id: str, previous_raw: bytes | None, at_ms: int,
-                retired_by: str, publish: bool) -> RepositoryEntry | None:
-        """The serving model's entry, retired; None when the job has no entry of it (it
-        was accepted before the job kept a repository)."""
+                retired_by: str, publish: bool, candidate: bool = False) -> RepositoryEntry | None:
+        """The serving model's (or ``candidate``'s) entry, retired; None when the job has no
+        entry of it (it was accepted before the job kept a repository)."""
         serving = [RepositoryEntry.FromString(stored) for _, stored in list(entries.items())]
         serving = [entry for entry in serving if entry.descriptorId == previous_id]
         if not serving:
@@ -92,7 +108,7 @@ class RepositoryRecorder:
         entry = serving[0]
         if previous_raw and len(previous_raw) <= MAX_KEPT_DESCRIPTOR_BYTES:
             entry.descriptor = previous_raw
-        retired = record_retirement(entry, self.job, at_ms, retired_by)
+        retired = record_retirement(entry, self.job, at_ms, retired_by, candidate=candidate)
         self._keep(entries, retired, publish)
         return retired
 

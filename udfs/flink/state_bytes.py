@@ -111,7 +111,8 @@ class BroadcastStates(NamedTuple):
     """The broadcast join's broadcast state: data type -> descriptor bytes and -> model id;
     ``member_key(data type, modelId)`` -> descriptor bytes and -> model id of the models
     published with a modelId; data type -> speculative set bytes; ``member_key(data type,
-    entry_key)`` -> the job's repository entry of a model (``udfs.flink.model_repository``)."""
+    entry_key)`` -> the job's repository entry of a model (``udfs.flink.model_repository``);
+    data type -> its candidate's ``CandidateSlot`` bytes (``udfs.candidates``)."""
 
     descriptors: MapStateDescriptor
     ids: MapStateDescriptor
@@ -119,6 +120,7 @@ class BroadcastStates(NamedTuple):
     slot_ids: MapStateDescriptor
     sets: MapStateDescriptor
     entries: MapStateDescriptor
+    candidates: MapStateDescriptor
 
 
 def broadcast_states(coding: StateBytes) -> BroadcastStates:
@@ -130,4 +132,5 @@ def broadcast_states(coding: StateBytes) -> BroadcastStates:
                            slots=coding.map_descriptor("model-slots"),
                            slot_ids=strings("model-slot-ids"),
                            sets=coding.map_descriptor("speculative-sets"),
-                           entries=coding.map_descriptor("repository-entries"))
+                           entries=coding.map_descriptor("repository-entries"),
+                           candidates=coding.map_descriptor("candidate-slots"))

@@ -71,13 +71,15 @@ def entry_from_descriptor(descriptor: ModelDescriptor, raw: bytes | None = None,
 
 
 def record_deployment(entry: RepositoryEntry, job: str, outcome: int, at_ms: int, reason: str = "",
-                      figures: ValidationFigures | None = None) -> RepositoryEntry:
-    """``entry`` with a new decision of ``job``: ACCEPTED (it serves from ``at_ms``), REFUSED
-    or VALIDATION_FAILED (``reason``; ``figures`` of the gate when it had one)."""
+                      figures: ValidationFigures | None = None, role: str = "") -> RepositoryEntry:
+    """``entry`` with a new decision of ``job``: ACCEPTED (it serves from ``at_ms``; ``role``
+    says as what when not as the data type's model, e.g. "canary 10%"), REFUSED or
+    VALIDATION_FAILED (``reason``; ``figures`` of the gate when it had one)."""
     if outcome not in (ACCEPTED, REFUSED, VALIDATION_FAILED):
         raise ValueError(f"not a deployment outcome: {outcome}")
     updated = _copy(entry)
-    deployment = updated.deployments.add(job=job, outcome=outcome, reason=reason, deployedMs=at_ms)
+    deployment = updated.deployments.add(job=job, outcome=outcome, reason=reason, deployedMs=at_ms,
+                                         role=role)
     if figures is not None:
         deployment.validation.CopyFrom(figures)
     _bound(updated)
@@ -85,12 +87,14 @@ def record_deployment(entry: RepositoryEntry, job: str, outcome: int, at_ms: int
 
 
 def record_retirement(entry: RepositoryEntry, job: str, at_ms: int,
-                      retired_by: str = "") -> RepositoryEntry:
+                      retired_by: str = "", candidate: bool = False) -> RepositoryEntry:
     """``entry`` with its serving on ``job`` ended at ``at_ms`` (replaced by version
-    ``retired_by``, or ``WITHDRAWN``); unchanged when it was not serving there."""
+    ``retired_by``, or ``WITHDRAWN``): as the data type's model, or with ``candidate`` as its
+    candidate (a deployment with a role); unchanged when it was not serving so there."""
     updated = _copy(entry)
     for deployment in reversed(updated.deployments):
-        if deployment.job == job and deployment.outcome == ACCEPTED:
+        if (deployment.job == job and deployment.outcome == ACCEPTED
+                and bool(deployment.role) == candidate):
             if not deployment.retiredMs:
                 deployment.retiredMs = at_ms
                 deployment.retiredBy = retired_by
