@@ -150,17 +150,27 @@ def reporting_join(job: str, settings: Settings, gate: ModelsHandled, inject=Non
 JOBS = ["keyed", "broadcast"]
 
 
-def executed(results, dead_letters) -> tuple[list[ServingResult], list[DeadLetter]]:
+def executed(results, dead_letters, shadow: list | None = None
+             ) -> tuple[list[ServingResult], list[DeadLetter]]:
     """Run the pipeline whose outputs are ``results`` (result batches) and ``dead_letters``
-    to its end, and decode what it put out."""
+    to its end, and decode what it put out; with ``shadow`` (a list), the join's shadow
+    results are collected into it."""
     from pyflink.common import Types
+
+    from udfs.flink.joins import shadow_results_of
 
     tagged = Types.TUPLE([Types.STRING(), Types.STRING()])
     both = results.flat_map(lambda batch: [("result", base64.b64encode(b).decode())
                                            for b in batch[0]], output_type=tagged).union(
         dead_letters.map(lambda b: ("dead", base64.b64encode(b).decode()), output_type=tagged))
+    if shadow is not None:
+        both = both.union(shadow_results_of(results).map(
+            lambda b: ("shadow", base64.b64encode(b).decode()), output_type=tagged))
     with both.execute_and_collect() as collected:
         out = list(collected)
+    if shadow is not None:
+        shadow.extend(ServingResult.FromString(base64.b64decode(b))
+                      for kind, b in out if kind == "shadow")
     return ([ServingResult.FromString(base64.b64decode(b)) for kind, b in out if kind == "result"],
             [DeadLetter.FromString(base64.b64decode(b)) for kind, b in out if kind == "dead"])
 
@@ -831,12 +841,13 @@ def sequenced_join(job: str, settings: Settings, order: HandledInOrder):
     return Sequenced(settings, {})
 
 
-def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settings):
+def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settings,
+                    shadow: list | None = None):
     """Run ``job`` on one ordered stream of ("model", descriptor bytes) and ("batch", record
     bytes) elements: each reaches the join only once the join handled every element before
     it (``HandledInOrder``). Returns the results, the dead letters, per subtask the elements
     its join handled in order, and the stream's elements by name (``m<offset>``,
-    ``b<partition>.<first offset>``) in stream order."""
+    ``b<partition>.<first offset>``) in stream order. ``shadow``: see ``executed``."""
     from pyflink.common import Types
     from pyflink.datastream import MapFunction
 
@@ -884,7 +895,7 @@ def run_interleaved(job: str, stream: list[tuple[str, object]], settings: Settin
             .map(InOrder(order, model=True), output_type=MODEL_MESSAGE).set_parallelism(1)
         results, dead_letters = build_pipeline(data, model_stream, settings,
                                                serving=sequenced_join(job, settings, order))
-        results, dead = executed(results, dead_letters)
+        results, dead = executed(results, dead_letters, shadow)
         per_subtask = order.per_subtask()
     return results, dead, per_subtask, named
 
@@ -954,3 +965,74 @@ def test_every_result_names_the_model_current_at_its_records_position(job, train
     assert {r.modelVersion for r in results} == {"", "1", "2", "3", "4"}
     if job == "broadcast":
         assert {r.subtask for r in results} == {0, 1}
+
+
+def rolled_out(model, version: str, action: int = 0, mode: int = 0, share: float = 0.0) -> bytes:
+    """``model``'s descriptor as version ``version`` with a rollout (DEPLOY by default)."""
+    from protos import Rollout
+
+    descriptor = ModelDescriptor.FromString(version_of(model, version))
+    descriptor.rollout.CopyFrom(Rollout(action=action, mode=mode, share=share))
+    return descriptor.SerializeToString()
+
+
+def rollout_control(action: int) -> bytes:
+    from protos import Rollout
+
+    return ModelDescriptor(dataType=DEMO_DATA_TYPE, publishedMs=1,
+                           rollout=Rollout(action=action)).SerializeToString()
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_shadow_then_canary_then_promotion(job, trained_models, settings):
+    """In one ordered stream: ONNX v1 serves with PMML v2 as its shadow (every result is
+    v1's, every record's v2 result is on the shadow output), then PMML v3 replaces the
+    shadow as a 50% canary (each record answered by v3 exactly when the routing by its id
+    says so, on whichever instance), then v3 is promoted (every result v3's), then an abort
+    finds no candidate (one dead letter, whatever the parallelism)."""
+    from protos import Rollout
+    from udfs.candidates import without_rollout
+    from udfs.lifecycle.routing import goes_to_candidate
+    from udfs.models import model_id
+
+    onnx_model, pmml_model = trained_models[ModelType.ONNX], trained_models[ModelType.PMML]
+    primary = version_of(onnx_model, "1")
+    shadowed = rolled_out(pmml_model, "2", mode=Rollout.SHADOW)
+    canary = rolled_out(pmml_model, "3", mode=Rollout.CANARY, share=0.5)
+    rows = demo_rows()[:64]
+    raws = [encode_record(r) for r in rows]
+    batches = in_batches(raws)                                      # eight batches of 8
+    stream = [("model", primary), ("model", shadowed), ("batch", batches[0]), ("batch", batches[1]),
+              ("model", canary), ("batch", batches[2]), ("batch", batches[3]),
+              ("batch", batches[4]), ("model", rollout_control(Rollout.PROMOTE)),
+              ("batch", batches[5]), ("batch", batches[6]),
+              ("model", rollout_control(Rollout.ABORT)), ("batch", batches[7])]
+    shadow: list[ServingResult] = []
+    results, dead, _, _ = run_interleaved(job, stream, settings, shadow)
+
+    dirs = settings.resolved_model_dirs()
+    onnx_labels = {r: p.label for r, p in expected_predictions(primary, rows, dirs).items()}
+    pmml_labels = {r: p.label for r, p in expected_predictions(
+        version_of(pmml_model, "2"), rows, dirs).items()}
+    salt = model_id(without_rollout(ModelDescriptor.FromString(canary)))
+    ids = [r.record_id for r in rows]
+    phase = {record_id: index // 8 for index, record_id in enumerate(ids)}
+    expected = {}
+    for record_id in ids:
+        if phase[record_id] < 2:
+            expected[record_id] = ("1", onnx_labels[record_id])
+        elif phase[record_id] < 5 and not goes_to_candidate(record_id, 0.5, salt):
+            expected[record_id] = ("1", onnx_labels[record_id])
+        else:
+            expected[record_id] = ("3", pmml_labels[record_id])
+    assert {r.recordId: (r.modelVersion, r.label) for r in results} == expected
+    assert len(results) == len(rows)
+    canaried = [r for r in ids if 2 <= phase[r] < 5 and expected[r][0] == "3"]
+    assert 0 < len(canaried) < 24   # some of the canary's 24 records, not all
+
+    assert {r.recordId: (r.modelVersion, r.label) for r in shadow} == \
+        {r: ("2", pmml_labels[r]) for r in ids if phase[r] < 2}
+    assert len(shadow) == 16
+    [letter] = dead
+    assert letter.kind == DeadLetter.BAD_MODEL
+    assert "has no candidate model to abort" in letter.reason
