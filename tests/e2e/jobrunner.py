@@ -29,7 +29,8 @@ def settings_with_own_topics(bootstrap: str, suffix: str, compact_models: bool =
         [], environ={}, bootstrap_servers=bootstrap, data_topic=f"mdata-{suffix}",
         models_topic=f"models-{suffix}", results_topic=f"results-{suffix}",
         dead_letter_topic=f"dead-{suffix}", state_topic=f"state-{suffix}",
-        repository_topic=f"repository-{suffix}", **overrides).for_job(suffix)
+        repository_topic=f"repository-{suffix}", shadow_topic=f"shadow-{suffix}",
+        **overrides).for_job(suffix)
     create_topics(settings, partitions=2, compact_models=compact_models)
     return settings
 
@@ -173,7 +174,7 @@ class Deployment:
         return ["--bootstrap-servers", s.bootstrap_servers, "--data-topic", s.data_topic,
                 "--models-topic", s.models_topic, "--results-topic", s.results_topic,
                 "--dead-letter-topic", s.dead_letter_topic, "--state-topic", s.state_topic,
-                "--repository-topic", s.repository_topic,
+                "--repository-topic", s.repository_topic, "--shadow-topic", s.shadow_topic,
                 "--group-id", s.group_id, "--job-name", s.job_name,
                 "--model-dirs", ",".join(s.model_dirs),
                 "--delivery-guarantee", s.delivery_guarantee,
