@@ -77,11 +77,12 @@ def test_state_page_shows_markup_in_names_as_text(chromium):
 
 def test_state_page_lists_the_repository_versions_as_text(chromium):
     """The page's repository section: per data type its versions with created, deployed and
-    retired times and outcome, names shown as text. No broker: the view is fed here."""
+    retired times (UTC to the second, as the CLI's tables) and outcome, names shown as text.
+    No broker: the view is fed here."""
     import hashlib
 
+    from modelserving.cli.models import when
     from modelserving.state.repository import RepositoryView
-    from modelserving.state.view import iso
     from protos import ModelDescriptor
     from udfs.lifecycle import repository
     from udfs.lifecycle.repository import ACCEPTED, VALIDATION_FAILED
@@ -102,7 +103,7 @@ def test_state_page_lists_the_repository_versions_as_text(chromium):
     service = StateService(port=0, repository=view).start()
     try:
         with Browser.launch(chromium) as browser:
-            page = browser.new_page(1400, 900)
+            page = browser.new_page(1400, 1200)   # the timeline above the repository too
             page.goto(service.url + "/?refresh=0.5")
             rows = page.wait_for("""(() => {
                 const rows = [...document.querySelectorAll("table.repository tr.repository-entry")];
@@ -111,12 +112,12 @@ def test_state_page_lists_the_repository_versions_as_text(chromium):
                     r.querySelector("td." + c).textContent)) : null;
             })()""", 30, "the three versions of the repository")
             assert rows == [
-                ["1", HOSTILE_MODEL, hashlib.sha256(b"1").hexdigest()[:12], iso(t0 + 1), "RETIRED",
-                 iso(t0 + 1000), iso(t0 + 2000), "replaced by 2"],
-                ["2", HOSTILE_MODEL, hashlib.sha256(b"2").hexdigest()[:12], iso(t0 + 2), "SERVING",
-                 iso(t0 + 2000), "", ""],
-                ["3", HOSTILE_MODEL, hashlib.sha256(b"3").hexdigest()[:12], iso(t0 + 3),
-                 "VALIDATION_FAILED", iso(t0 + 3000), "", reason]]
+                ["1", HOSTILE_MODEL, hashlib.sha256(b"1").hexdigest()[:12], when(t0 + 1), "RETIRED",
+                 when(t0 + 1000), when(t0 + 2000), "replaced by 2"],
+                ["2", HOSTILE_MODEL, hashlib.sha256(b"2").hexdigest()[:12], when(t0 + 2), "SERVING",
+                 when(t0 + 2000), "", ""],
+                ["3", HOSTILE_MODEL, hashlib.sha256(b"3").hexdigest()[:12], when(t0 + 3),
+                 "VALIDATION_FAILED", when(t0 + 3000), "", reason]]
             assert page.evaluate("document.querySelector('section.repository h3').textContent") \
                 == HOSTILE_TYPE
             assert page.evaluate("""[document.scripts.length, document.images.length,
@@ -124,6 +125,115 @@ def test_state_page_lists_the_repository_versions_as_text(chromium):
             assert page.errors() == []
             print(f"\nstate page, repository: "
                   f"{page.screenshot(screenshot_path('state-page-repository'))}")
+    finally:
+        service.stop()
+
+
+TIMELINE_TYPE = "wine-cultivar"
+TIMELINE_MODEL = "wine-<b>logreg</b>"
+
+
+def timeline_repository():
+    """keyed's lifecycle of TIMELINE_TYPE, as the jobs record it (field by field): v1 the
+    model from +1 s until v2 replaced it at +30 s; v2 a 10% canary from +10 s, promoted at +30 s
+    (and from then the model); v3 a shadow from +40 s, replaced by the candidate v4 at +50 s;
+    v4 a 10% canary since."""
+    from modelserving.state.repository import RepositoryView
+    from protos import RepositoryEntry
+
+    t0 = 1_700_000_000_000
+    plan = {"1": [("", 1000, 30_000, "2")],
+            "2": [("canary 10%", 10_000, 30_000, "promoted"), ("", 30_000, 0, "")],
+            "3": [("shadow", 40_000, 50_000, "4")],
+            "4": [("canary 10%", 50_000, 0, "")]}
+    view = RepositoryView()
+    for version, deployments in plan.items():
+        entry = RepositoryEntry(dataType=TIMELINE_TYPE, name=TIMELINE_MODEL, version=version,
+                                modelType=ModelType.ONNX, digest=version * 64,
+                                createdMs=t0 + int(version), publishedMs=t0 + int(version),
+                                descriptorId=f"descriptor-{version}")
+        for role, deployed, retired, by in deployments:
+            entry.deployments.add(job="keyed", outcome=RepositoryEntry.ACCEPTED, role=role,
+                                  deployedMs=t0 + deployed, retiredMs=t0 + retired if retired else 0,
+                                  retiredBy=by)
+        view.ingest(None, entry.SerializeToString())
+    return view
+
+
+def timeline_statistics(service) -> None:
+    """What keyed published: v1 scored 5,000 records; v2 8,966 since, drifting on alcohol,
+    with v4 as its 10% canary (1,234 records, 1,201 of them agreeing with v2)."""
+    from protos import CandidateStats, FeatureDrift, Rollout
+
+    t0 = 1_700_000_000_000
+    common = dict(job="keyed", dataType=TIMELINE_TYPE, part=-1, hasModel=True,
+                  modelName=TIMELINE_MODEL, modelType=ModelType.ONNX)
+    service.view.ingest(f"keyed/{TIMELINE_TYPE}", ModelStats(
+        **common, modelVersion="1", modelId="descriptor-1", sinceMs=t0 + 1000, usage=5000,
+        totalMicros=5_000_000.0, minMicros=380.0, maxMicros=2900.0, publishedMs=t0 + 29_000).SerializeToString())
+    current = ModelStats(**common, modelVersion="2", modelId="descriptor-2-promoted",
+                         sinceMs=t0 + 30_000, usage=8966, totalMicros=8_966_000.0,
+                         minMicros=410.0, maxMicros=3100.0,
+                         publishedMs=t0 + 90_000, outputPsi=0.12, driftFlagged=True,
+                         driftThreshold=0.2, driftRows=600)
+    current.drift.extend([FeatureDrift(feature="alcohol", psi=0.412, flagged=True),
+                          FeatureDrift(feature="ash", psi=0.05)])
+    current.candidate.CopyFrom(CandidateStats(
+        modelName=TIMELINE_MODEL, modelVersion="4", descriptorId="descriptor-4",
+        mode=Rollout.CANARY, share=0.1, sinceMs=t0 + 50_000, records=1234, compared=1234,
+        agreed=1201, differenceSum=14.808, absDifferenceSum=20.0, primaryRecords=8966))
+    service.view.ingest(f"keyed/{TIMELINE_TYPE}", current.SerializeToString())
+
+
+def test_state_page_shows_the_candidate_and_the_lifecycle_timeline(chromium):
+    """The page's candidate line under the job's row, and the timeline of the data type: every
+    deployment in time order (primary, canary, shadow) with when it ended and why, its usage
+    where known, the candidate's figures and the serving model's drift. Names as text. No
+    broker: the statistics view and the repository are fed here."""
+    from modelserving.cli.models import when
+
+    t0 = 1_700_000_000_000
+
+    def utc(ms: int) -> str:    # the timeline's times: UTC to the second, as the CLI's tables
+        return when(t0 + ms)
+
+    service = StateService(port=0, repository=timeline_repository()).start()
+    try:
+        timeline_statistics(service)
+        figures = ("canary 10% · 1,234 records (12.1% of 10,200) · agreement 97.3% over 1,234 · "
+                   "mean score difference +0.0120")
+        with Browser.launch(chromium) as browser:
+            page = browser.new_page(1400, 900)
+            page.goto(service.url + "/?refresh=0.5")
+            rows = page.wait_for("""(() => {
+                const rows = [...document.querySelectorAll("table.timeline tr.timeline-event")];
+                return rows.length === 5 ? rows.map(r => ["deployed", "version", "name", "job",
+                    "role", "status", "retired", "ended", "usage", "figures"].map(c =>
+                    r.querySelector("td." + c).textContent)) : null;
+            })()""", 30, "the five deployments of the timeline")
+            assert rows == [
+                [utc(1000), "1", TIMELINE_MODEL, "keyed", "primary", "RETIRED",
+                 utc(30_000), "replaced by 2", "5,000", ""],
+                [utc(10_000), "2", TIMELINE_MODEL, "keyed", "canary 10%", "RETIRED",
+                 utc(30_000), "promoted", "", ""],
+                [utc(30_000), "2", TIMELINE_MODEL, "keyed", "primary", "SERVING", "", "",
+                 "8,966", "DRIFT · PSI max 0.412 (alcohol) · 600 records"],
+                [utc(40_000), "3", TIMELINE_MODEL, "keyed", "shadow", "RETIRED",
+                 utc(50_000), "replaced by 4", "", ""],
+                [utc(50_000), "4", TIMELINE_MODEL, "keyed", "canary 10%", "CANDIDATE", "",
+                 "", "1,234", figures]]
+            candidate = page.evaluate(
+                "[...document.querySelectorAll('tr.candidate td')].map(td => td.textContent)")
+            assert candidate == [f"candidate {TIMELINE_MODEL} v4 · {figures}"]
+            assert page.evaluate("""[document.querySelector('section.timeline h3').textContent,
+                document.querySelector('tr.timeline-event[data-status="SERVING"] td.figures')
+                    .getAttribute('data-drift-flagged')]""") == [TIMELINE_TYPE, "true"]
+            # the names' markup is text: no <b> element, no image, only the page's own script
+            assert page.evaluate("""[document.scripts.length, document.images.length,
+                                     document.querySelectorAll('b').length]""") == [1, 0, 0]
+            assert page.errors() == []
+            print(f"\nstate page, candidate and timeline: "
+                  f"{page.screenshot(screenshot_path('state-page-timeline'))}")
     finally:
         service.stop()
 
