@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from modelserving.errors import ToolError, UsageError
@@ -85,6 +86,46 @@ def add_lifecycle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-bins", type=int, default=10, help="bins per histogram")
     parser.add_argument("--quality", action="append", default=[], metavar="NAME=VALUE",
                         help="a quality metric published with the model (repeatable)")
+
+
+def add_rollout_options(parser: argparse.ArgumentParser) -> None:
+    """``publish model``'s ``--canary SHARE`` and ``--shadow``: the model becomes its data
+    type's candidate beside the model serving it, rather than replacing it."""
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--canary", metavar="SHARE",
+                     help="deploy the model as its data type's canary beside the model serving "
+                          "it: it answers SHARE of the records (0.1 or 10%%, in (0, 1]), chosen "
+                          "by record id; `models promote` or `models abort` ends it")
+    how.add_argument("--shadow", action="store_true",
+                     help="deploy the model as its data type's shadow: it scores every record "
+                          "beside the model serving it, only to be compared (its results go to "
+                          "the shadow topic); `models promote` or `models abort` ends it")
+
+
+def rollout_of(args):
+    """The ``Rollout`` (DEPLOY) that ``--canary`` or ``--shadow`` ask for; None without them
+    (the model replaces the data type's model). Raises ``UsageError`` for a share outside
+    (0, 1], before anything is read or sent."""
+    from protos import Rollout
+
+    if getattr(args, "shadow", False):
+        return Rollout(action=Rollout.DEPLOY, mode=Rollout.SHADOW)
+    if getattr(args, "canary", None) is None:
+        return None
+    return Rollout(action=Rollout.DEPLOY, mode=Rollout.CANARY, share=canary_share(args.canary))
+
+
+def canary_share(text: str) -> float:
+    """``--canary``'s share: a fraction ("0.1") or a percentage ("10%"), in (0, 1]."""
+    text = text.strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        share = math.nan
+    if not 0.0 < share <= 1.0:     # NaN fails this too
+        raise UsageError(f"--canary takes the share of the records the candidate answers, in "
+                         f"(0, 1] (0.1, or 10%), not {text!r}")
+    return share
 
 
 def attach_lifecycle(descriptor, args) -> None:

@@ -1,9 +1,11 @@
-"""``modelserving models list|show|history|rollback``: the model repository.
+"""``modelserving models list|show|history|rollback|promote|abort``: the model repository.
 
     modelserving models list                       per data type: latest version, who serves what
     modelserving models show DATA_TYPE [--version V]   one version: what was published, decisions
     modelserving models history DATA_TYPE          every version, each job's decisions, oldest first
     modelserving models rollback DATA_TYPE [--to V]    republish a version from the repository
+    modelserving models promote DATA_TYPE          the data type's candidate becomes its model
+    modelserving models abort DATA_TYPE            the data type's candidate is dropped
 
 The jobs record every model they accept or refuse, and when it stops serving, in the
 compacted repository topic (``repository_topic``, default ``model-repository``). These
@@ -13,6 +15,12 @@ it (``udfs.lifecycle.repository``); ``--json`` prints what the state service ans
 now) to the models topic: without ``--to``, the version accepted before the one serving.
 A model by location whose files changed since it was first published is refused (exit 1),
 the two digests named.
+
+``promote`` and ``abort`` end a canary or shadow deployment (``publish model --canary SHARE``
+or ``--shadow``): they publish a descriptor with only the data type, the time and the
+rollout's action to the models topic, and print it. They do not read the repository first:
+a job without a candidate for the data type dead-letters the request (BAD_MODEL), which
+says so where it matters.
 """
 from __future__ import annotations
 
@@ -70,17 +78,23 @@ def rollback(settings, data_type: str, to_version: str | None = None, job: str |
     module's docstring); returns (its entry, the descriptor sent). ``repository``: a folded
     ``Repository`` (read from the topic when None). Raises ``ToolError`` saying why not."""
     from modelserving.kafka import clients
+    from modelserving.state.repository import primaries_only
     from udfs.errors import ModelError
     from udfs.lifecycle.digest import location_changed
     from udfs.lifecycle.repository import RollbackError, republished
 
     if repository is None:
         repository = read_repository(settings).repository()
+    # what serves, and what served before it, is the data types' own models: a candidate
+    # deployed after the serving model neither serves in its place nor is rolled back to
+    repository = primaries_only(repository)
     try:
         target = repository.rollback_target(data_type, to_version, job=job)
         descriptor = republished(target, int(time.time() * 1000) if now_ms is None else now_ms)
     except RollbackError as exc:
         raise ToolError(f"not rolled back: {exc}") from None
+    # a version first published as a candidate comes back as the data type's model
+    descriptor.ClearField("rollout")
     if descriptor.WhichOneof("MessageContent") == "location":
         try:
             changed = location_changed(descriptor, target.digest,
@@ -140,10 +154,13 @@ def listing_lines(listing: dict) -> list[str]:
         latest = item["latest"]
         serving = ", ".join(f"{job}: {s['version'] or s['name']}"
                             for job, s in item["serving"].items())
+        candidates = ", ".join(f"{job}: {c['version'] or c['name']} ({c['role']})"
+                               for job, c in item.get("candidates", {}).items())
         rows.append([data_type, item["versions"], version_of(latest), latest["name"],
-                     latest["type"], when(latest["created_ms"]), latest["outcome"], serving])
+                     latest["type"], when(latest["created_ms"]), latest["outcome"], serving,
+                     candidates])
     return table(["DATA TYPE", "VERSIONS", "LATEST", "NAME", "TYPE", "CREATED (UTC)", "OUTCOME",
-                  "SERVING (JOB: VERSION)"], rows)
+                  "SERVING (JOB: VERSION)", "CANDIDATE (JOB: VERSION)"], rows)
 
 
 def history_lines(history: dict) -> list[str]:
@@ -153,14 +170,12 @@ def history_lines(history: dict) -> list[str]:
                  entry["digest"][:12], when(entry["created_ms"])]
         for deployment in entry["deployments"] or [None]:
             if deployment is None:
-                rows.append(first + ["-", entry["outcome"], "-", "-", ""])
+                rows.append(first + ["-", "-", entry["outcome"], "-", "-", ""])
                 continue
-            note = (f"replaced by {deployment['retired_by']}" if deployment["retired_by"]
-                    else deployment["reason"] or "")
-            rows.append(first + [deployment["job"], deployment["outcome"],
-                                 when(deployment["deployed_ms"]), when(deployment["retired_ms"]),
-                                 note])
-    return table(["VERSION", "MODEL ID", "NAME", "TYPE", "DIGEST", "CREATED (UTC)", "JOB",
+            rows.append(first + [deployment["job"], deployment["role_label"],
+                                 deployment["outcome"], when(deployment["deployed_ms"]),
+                                 when(deployment["retired_ms"]), deployment["note"]])
+    return table(["VERSION", "MODEL ID", "NAME", "TYPE", "DIGEST", "CREATED (UTC)", "JOB", "ROLE",
                   "OUTCOME", "DEPLOYED", "RETIRED", "NOTE"], rows)
 
 
@@ -182,15 +197,15 @@ def show_lines(entry: dict) -> list[str]:
               ("rollback", "possible (descriptor kept)" if entry["descriptor_kept"]
                else "not from the repository (descriptor too large to keep)"),
               ("outcome", entry["outcome"]),
-              ("serving on", ", ".join(entry["serving_on"]))]
+              ("serving on", ", ".join(entry["serving_on"])),
+              ("candidate on", ", ".join(entry.get("candidate_on", [])))]
     lines = table(["FIELD", "VALUE"], fields)[1:]
     if entry["deployments"]:
         lines += ["", "decisions:"]
         lines += ["  " + line for line in table(
-            ["JOB", "OUTCOME", "DEPLOYED (UTC)", "RETIRED (UTC)", "NOTE"],
-            [[d["job"], d["outcome"], when(d["deployed_ms"]), when(d["retired_ms"]),
-              f"replaced by {d['retired_by']}" if d["retired_by"] else d["reason"] or ""]
-             for d in entry["deployments"]])]
+            ["JOB", "ROLE", "OUTCOME", "DEPLOYED (UTC)", "RETIRED (UTC)", "NOTE"],
+            [[d["job"], d["role_label"], d["outcome"], when(d["deployed_ms"]),
+              when(d["retired_ms"]), d["note"]] for d in entry["deployments"]])]
     return lines
 
 
@@ -256,8 +271,52 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def control_descriptor(data_type: str, action: int, now_ms: int | None = None):
+    """The descriptor that ends ``data_type``'s candidate: only the data type, the time and
+    a rollout with ``action`` (``Rollout.PROMOTE`` or ``Rollout.ABORT``)."""
+    from protos import ModelDescriptor, Rollout
+
+    return ModelDescriptor(dataType=data_type, rollout=Rollout(action=action),
+                           publishedMs=int(time.time() * 1000) if now_ms is None else now_ms)
+
+
+def publish_control(settings, data_type: str, action: int, now_ms: int | None = None):
+    """Publish ``control_descriptor`` to the models topic; returns it."""
+    from modelserving.kafka import clients
+
+    if not data_type.strip():
+        raise UsageError("the data type is empty: name the data type whose candidate to end")
+    descriptor = control_descriptor(data_type, action, now_ms)
+    producer = clients.producer(settings)
+    try:
+        clients.publish_model(producer, settings.models_topic, descriptor)
+    finally:
+        producer.close()
+    return descriptor
+
+
+#: What a job does with each action, for the commands' output.
+_CONTROLS = {"promote": ("PROMOTE", "each job's candidate of the data type becomes its model "
+                                    "(the model serving it retires)"),
+             "abort": ("ABORT", "each job drops its candidate of the data type (the model "
+                                "serving it serves alone)")}
+
+
+def cmd_control(args) -> int:
+    from protos import Rollout
+
+    settings = settings_of(args)
+    action, effect = _CONTROLS[args.models_action]
+    descriptor = publish_control(settings, args.data_type, Rollout.Action.Value(action))
+    print(f"published {action} for data type '{descriptor.dataType}' to {settings.models_topic} "
+          f"(rollout action {action}, publishedMs {descriptor.publishedMs}): {effect}; a job "
+          f"without a candidate dead-letters it (BAD_MODEL)")
+    return 0
+
+
 def register(sub) -> None:
-    models = sub.add_parser("models", help="the model repository: list, show, history, rollback",
+    models = sub.add_parser("models", help="the model repository: list, show, history, rollback; "
+                                           "promote or abort a canary or shadow",
                             description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = models.add_subparsers(dest="models_action", required=True)
@@ -284,3 +343,9 @@ def register(sub) -> None:
                            "version serving now)")
     back.add_argument("--job", help="the job whose serving version counts (default: the most "
                                     "recently deployed on any job)")
+    for name, help_text in (("promote", "the data type's candidate (canary or shadow) becomes "
+                                        "its model"),
+                            ("abort", "the data type's candidate (canary or shadow) is dropped")):
+        control = with_settings(actions.add_parser(name, help=help_text))
+        control.add_argument("data_type", metavar="DATA_TYPE")
+        control.set_defaults(func=cmd_control)

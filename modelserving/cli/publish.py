@@ -3,18 +3,23 @@ from __future__ import annotations
 
 
 from modelserving.cli.common import settings_of, with_settings
-from modelserving.cli.lifecycle import (add_lifecycle_options, add_model_options, attach_lifecycle,
-                                        descriptor_of)
+from modelserving.cli.lifecycle import (add_lifecycle_options, add_model_options,
+                                        add_rollout_options, attach_lifecycle, descriptor_of,
+                                        rollout_of)
 
 
 def cmd_publish_model(args) -> int:
     from modelserving.kafka import clients
+    from udfs.candidates import role_of
     from udfs.runtimes import type_name
 
     settings = settings_of(args)
+    rollout = rollout_of(args)    # a bad --canary share fails before the model is read
     descriptor = descriptor_of(args, args.data_type)  # `train` output: its manifest fills the gaps
     descriptor.modelId = args.model_id
     attach_lifecycle(descriptor, args)
+    if rollout is not None:
+        descriptor.rollout.CopyFrom(rollout)
     producer = clients.producer(settings)
     try:
         clients.publish_model(producer, settings.models_topic, descriptor)
@@ -22,8 +27,10 @@ def cmd_publish_model(args) -> int:
         producer.close()
     how = f"location {descriptor.location}" if descriptor.location else f"{len(descriptor.data)} bytes inline"
     named = f" as '{descriptor.modelId}'" if descriptor.modelId else ""
+    as_candidate = f", as its candidate: {role_of(rollout)}" if rollout is not None else ""
     print(f"published {type_name(descriptor.modeltype)} model '{descriptor.name}'{named} "
-          f"for data type '{descriptor.dataType}' ({how}) to {settings.models_topic}")
+          f"for data type '{descriptor.dataType}' ({how}) to {settings.models_topic}"
+          f"{as_candidate}")
     return 0
 
 
@@ -93,6 +100,7 @@ def register(sub) -> None:
     model.add_argument("--model-id", default="", help="name it among its data type's models "
                        "(models with different ids coexist; a speculative set lists them)")
     add_lifecycle_options(model)
+    add_rollout_options(model)
     model.set_defaults(func=cmd_publish_model)
 
     speculative = with_settings(publish_sub.add_parser(

@@ -17,8 +17,9 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
 from protos import RepositoryEntry
-from udfs.lifecycle.repository import ACCEPTED, WITHDRAWN, Repository, entry_key
 from modelserving.state.view import iso
+from udfs.candidates import ABORTED, PROMOTED
+from udfs.lifecycle.repository import ACCEPTED, WITHDRAWN, Repository, entry_key
 from udfs.runtimes import type_name
 
 #: How an outcome is named to people.
@@ -26,7 +27,7 @@ OUTCOMES = {value: name for name, value in RepositoryEntry.Outcome.items()}
 #: How the role "" (the data type's own model, beside which a candidate may run) is named.
 PRIMARY = "primary"
 #: How a candidate deployment can end besides being replaced by another candidate version.
-CANDIDATE_ENDINGS = ("promoted", "aborted", WITHDRAWN)
+CANDIDATE_ENDINGS = (PROMOTED, ABORTED, WITHDRAWN)
 
 
 def role_label(role: str) -> str:
