@@ -156,12 +156,12 @@ def test_the_page_draws_the_repository_as_text_from_its_endpoints():
 
 # -- modelserving models --------------------------------------------------------------------------
 
-def test_the_command_has_list_show_history_and_rollback():
+def test_the_command_has_list_show_history_rollback_promote_and_abort():
     parser = cli.build_parser()
     models = next(a for a in parser._subparsers._group_actions[0].choices.items()
                   if a[0] == "models")[1]
     actions = models._subparsers._group_actions[0].choices
-    assert set(actions) == {"list", "show", "history", "rollback"}
+    assert set(actions) == {"list", "show", "history", "rollback", "promote", "abort"}
 
 
 def test_the_tables_name_versions_times_outcomes_and_reasons(view):
