@@ -4,9 +4,11 @@
     modelserving kafka start|stop|status   a local single-node Kafka (KRaft)
     modelserving topics create             the job's topics
     modelserving train                     one demo model per supported format
-    modelserving publish model PATH ...    a model, inline or by location (--validation, --reference)
+    modelserving publish model PATH ...    a model, inline or by location (--validation, --reference;
+                                           --canary SHARE or --shadow: beside the serving model)
     modelserving validate PATH --data FILE a model's validation gate, offline (exit 1: it fails)
     modelserving models list|show|history|rollback   the model repository (what served when)
+    modelserving models promote|abort TYPE the data type's canary or shadow takes over, or is dropped
     modelserving publish records ...       records from a CSV file or the demo dataset
     modelserving follow                    results and dead letters, readably
     modelserving run keyed [settings]      a job on a local Flink (web UI on :8081)

@@ -346,6 +346,10 @@ def register(sub) -> None:
     for name, help_text in (("promote", "the data type's candidate (canary or shadow) becomes "
                                         "its model"),
                             ("abort", "the data type's candidate (canary or shadow) is dropped")):
-        control = with_settings(actions.add_parser(name, help=help_text))
+        control = with_settings(actions.add_parser(
+            name, help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]}: publishes a descriptor of only "
+                        f"the data type, the time and the rollout's action to the models topic "
+                        f"(a job without a candidate dead-letters it)."))
         control.add_argument("data_type", metavar="DATA_TYPE")
         control.set_defaults(func=cmd_control)

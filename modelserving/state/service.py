@@ -10,6 +10,8 @@ is three parts, each usable on its own:
 * ``app.StateApp``: the werkzeug application (JSON endpoints and a static page);
 * ``repository.RepositoryView``: the model repository (``Settings.repository_topic``), fed
   by a second feed of its own when that topic is set.
+* ``timeline.timeline``: per data type, the repository's deployments (the models and their
+  canary or shadow candidates) joined with the statistics' usage, candidate and drift.
 
 :class:`StateService` here puts them together and runs the HTTP server:
 
