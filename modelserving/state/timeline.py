@@ -17,8 +17,10 @@ candidate's figures); so is the usage of models replaced before the state servic
 """
 from __future__ import annotations
 
+import sys
+
 from modelserving.state.repository import RepositoryView
-from modelserving.state.view import HISTORY_KEPT, ModelStateView, model_label
+from modelserving.state.view import ModelStateView, model_label
 
 
 def timeline(repository: RepositoryView, state: ModelStateView, data_type: str) -> dict | None:
@@ -28,7 +30,8 @@ def timeline(repository: RepositoryView, state: ModelStateView, data_type: str) 
     if history is None:
         return None
     current = (state.state(data_type) or {}).get("jobs", {})
-    used = (state.history(data_type, HISTORY_KEPT) or {}).get("models", [])
+    # every model the state remembers (HISTORY_KEPT per job), of every job
+    used = (state.history(data_type, sys.maxsize) or {}).get("models", [])
     events = []
     for entry in history["versions"]:
         for deployment in entry["deployments"]:
