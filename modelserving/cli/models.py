@@ -78,16 +78,12 @@ def rollback(settings, data_type: str, to_version: str | None = None, job: str |
     module's docstring); returns (its entry, the descriptor sent). ``repository``: a folded
     ``Repository`` (read from the topic when None). Raises ``ToolError`` saying why not."""
     from modelserving.kafka import clients
-    from modelserving.state.repository import primaries_only
     from udfs.errors import ModelError
     from udfs.lifecycle.digest import location_changed
     from udfs.lifecycle.repository import RollbackError, republished
 
     if repository is None:
         repository = read_repository(settings).repository()
-    # what serves, and what served before it, is the data types' own models: a candidate
-    # deployed after the serving model neither serves in its place nor is rolled back to
-    repository = primaries_only(repository)
     try:
         target = repository.rollback_target(data_type, to_version, job=job)
         descriptor = republished(target, int(time.time() * 1000) if now_ms is None else now_ms)

@@ -96,21 +96,6 @@ def outcome_of(entry: RepositoryEntry) -> str:
     return OUTCOMES.get(entry.deployments[-1].outcome, "UNKNOWN")
 
 
-def primaries_only(repository: Repository) -> Repository:
-    """``repository`` without its candidate deployments (those with a role): what
-    ``Repository.serving`` and ``rollback_target`` must look at, since a candidate deployed
-    after the data type's model does not replace it (a promotion records the promoted
-    version's own deployment as the data type's model)."""
-    entries = []
-    for entry in repository.entries.values():
-        kept = RepositoryEntry()
-        kept.CopyFrom(entry)
-        del kept.deployments[:]
-        kept.deployments.extend(d for d in entry.deployments if not d.role)
-        entries.append(kept)
-    return Repository.fold(entries)
-
-
 def candidates(repository: Repository, data_type: str) -> dict[str, tuple[RepositoryEntry, str]]:
     """Per job, the entry that is ``data_type``'s candidate there now and its role: its
     latest candidate deployment, unless that one ended."""
@@ -167,10 +152,9 @@ class RepositoryView:
         on which job."""
         with self._lock:
             repository = self._repository
-            primaries = primaries_only(repository)
             data_types = {}
             for latest in repository.listing():
-                serving = primaries.serving(latest.dataType)
+                serving = repository.serving(latest.dataType)
                 candidate = candidates(repository, latest.dataType)
                 data_types[latest.dataType] = {
                     "data_type": latest.dataType,
@@ -191,7 +175,7 @@ class RepositoryView:
             versions = self._repository.history(data_type)
             if not versions:
                 return None
-            serving = primaries_only(self._repository).serving(data_type)
+            serving = self._repository.serving(data_type)
             candidate = candidates(self._repository, data_type)
             return {"data_type": data_type,
                     "versions": [entry_json(e, _jobs_serving(serving, e), _jobs_candidate(candidate, e))
@@ -207,7 +191,7 @@ class RepositoryView:
             if entry is None:
                 return None
             return entry_json(entry,
-                              _jobs_serving(primaries_only(self._repository).serving(data_type), entry),
+                              _jobs_serving(self._repository.serving(data_type), entry),
                               _jobs_candidate(candidates(self._repository, data_type), entry))
 
     def health(self) -> dict:
@@ -230,4 +214,4 @@ def _jobs_candidate(candidate: dict[str, tuple[RepositoryEntry, str]],
 
 
 __all__ = ["PRIMARY", "RepositoryView", "candidates", "ended_note", "entry_json", "outcome_of",
-           "primaries_only", "role_label"]
+           "role_label"]

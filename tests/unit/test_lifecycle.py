@@ -557,6 +557,33 @@ def test_rollback_finds_the_previous_accepted_version_or_the_named_one(timeline)
         repo.rollback_target(DATA_TYPE, job="keyed")
 
 
+def test_a_candidate_neither_serves_nor_is_rolled_back_to_and_comes_back_without_rollout(
+        timeline):
+    """v4 deployed as a canary after v2 serves: v2 still serves, a rollback still goes to v1
+    (v4 was only ever a candidate), and republishing v4 drops its rollout."""
+    from protos import Rollout
+
+    _, records = timeline
+    repo = Repository.fold(records)
+    v4 = published("4", 400)
+    v4.rollout.CopyFrom(Rollout(mode=Rollout.CANARY, share=0.1))
+    entry = repository.entry_from_descriptor(v4, digest="d4")
+    repo.add(repository.record_deployment(entry, "keyed", ACCEPTED, 5000, role="canary 10%"))
+    assert {job: e.version for job, e in repo.serving(DATA_TYPE).items()} == \
+        {"broadcast": "2", "keyed": "2"}
+    assert repo.rollback_target(DATA_TYPE, job="keyed").version == "1"
+    # named, it may be (like a version never deployed): the user asks for it
+    assert repo.rollback_target(DATA_TYPE, to_version="4", job="keyed").version == "4"
+    again = repository.republished(repo.show(DATA_TYPE, "4"), 6000)
+    assert not again.HasField("rollout") and again.version == "4"
+    # retiring the candidate leaves the data type's model's deployment alone
+    ended = repository.record_retirement(repo.show(DATA_TYPE, "4"), "keyed", 7000, "aborted",
+                                         candidate=True)
+    assert (ended.deployments[-1].retiredMs, ended.deployments[-1].retiredBy) == (7000, "aborted")
+    assert repository.record_retirement(repo.show(DATA_TYPE, "4"), "keyed", 7000, "x") == \
+        repo.show(DATA_TYPE, "4")   # it never served as the data type's model
+
+
 def test_a_republished_location_with_other_files_is_refused_with_both_digests(tmp_path):
     models = tmp_path / "models"
     model = saved_model_like(models / "saved")

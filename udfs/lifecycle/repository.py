@@ -144,6 +144,7 @@ def republished(entry: RepositoryEntry, now_ms: int) -> ModelDescriptor:
                             f"repository; publish it again")
     descriptor = ModelDescriptor.FromString(entry.descriptor)
     descriptor.publishedMs = now_ms
+    descriptor.ClearField("rollout")   # it comes back as the data type's model
     return descriptor
 
 
@@ -200,12 +201,13 @@ class Repository:
         return matching[-1] if matching else None
 
     def serving(self, data_type: str) -> dict[str, RepositoryEntry]:
-        """Per job, the entry that serves ``data_type`` there now: its latest acceptance,
-        unless that one is retired."""
+        """Per job, the entry that serves ``data_type`` there now: its latest acceptance as
+        the data type's model (a candidate's deployment has a role), unless that one is
+        retired."""
         latest: dict[str, tuple[int, RepositoryEntry, bool]] = {}
         for entry in self.history(data_type):
             for deployment in entry.deployments:
-                if deployment.outcome != ACCEPTED:
+                if deployment.outcome != ACCEPTED or deployment.role:
                     continue
                 known = latest.get(deployment.job)
                 if known is None or deployment.deployedMs >= known[0]:
@@ -249,8 +251,8 @@ class Repository:
         serving = self.serving(data_type)
         if job is not None:
             return serving.get(job)
-        newest = [(max(d.deployedMs for d in e.deployments if d.outcome == ACCEPTED), e)
-                  for e in serving.values()]
+        newest = [(max(d.deployedMs for d in e.deployments
+                       if d.outcome == ACCEPTED and not d.role), e) for e in serving.values()]
         return max(newest, key=lambda pair: pair[0])[1] if newest else None
 
 
@@ -268,7 +270,9 @@ def _bound(entry: RepositoryEntry) -> None:
 
 
 def _accepted(entry: RepositoryEntry, job: str | None) -> bool:
-    return any(d.outcome == ACCEPTED and (job is None or d.job == job) for d in entry.deployments)
+    """Whether it served as the data type's model (not only as a candidate)."""
+    return any(d.outcome == ACCEPTED and not d.role and (job is None or d.job == job)
+               for d in entry.deployments)
 
 
 def _created_before(entry: RepositoryEntry, other: RepositoryEntry) -> bool:
