@@ -107,3 +107,77 @@ def test_the_repository_records_each_model_and_a_rollback_serves_the_first_versi
     assert [v["version"] for v in history["versions"]] == ["1", "2"]   # created first, kept
     assert view.show(DATA_TYPE, "1")["created_ms"] == first.publishedMs
     assert history["serving"] == {job: "1"}
+
+
+def shadow_results(settings, ids: set[str], timeout_s: float = 90) -> dict:
+    """The shadow topic's results of ``ids``, once it has them all."""
+    from modelserving.kafka import clients
+    from protos import ServingResult
+
+    found: dict[str, ServingResult] = {}
+    kafka = clients.consumer(settings, [settings.shadow_topic])
+    try:
+        def read():
+            for records in kafka.poll(timeout_ms=500).values():
+                for record in records:
+                    result = ServingResult.FromString(record.value)
+                    if result.recordId in ids:
+                        found[result.recordId] = result
+            return found if set(found) == ids else None
+        return wait_until(read, timeout_s, f"{len(ids)} shadow results")
+    finally:
+        kafka.close()
+
+
+def until_shadowed(serving, attempts: int = 12) -> None:
+    """Send probes until the shadow model answers all of one (8 records, spread over the
+    parts): the models topic and the data topic are read independently, so records sent
+    right after the candidate may be scored before it arrives."""
+    from modelserving.local.waiting import DeadlineExceeded
+
+    for attempt in range(attempts):
+        probe = serving.rows(f"shadow-probe{attempt}-", 8, DATA_TYPE)
+        serving.send_records(probe)
+        try:
+            shadow_results(serving.settings, {r.record_id for r in probe}, 10)
+            return
+        except DeadlineExceeded:
+            continue
+    raise AssertionError(f"the shadow model answered none of {attempts} probes")
+
+
+def test_a_shadow_model_is_compared_then_promoted_with_the_commands(serving, capsys):
+    """On the real broker, with the commands a user types: ONNX v11 serves; PMML v12
+    published with ``--shadow`` scores every record onto the shadow topic while every result
+    stays v11's; ``models promote`` makes v12 serve; the repository tells the shadow
+    deployment ended by promotion and v12 serving (versions of their own: the module's other
+    test publishes 1 and 2 of the same data type to the same job)."""
+    job = serving.settings.job_name
+    onnx, pmml = serving.models[ModelType.ONNX], serving.models[ModelType.PMML]
+    topics = ["--bootstrap-servers", serving.settings.bootstrap_servers,
+              "--models-topic", serving.settings.models_topic,
+              "--repository-topic", serving.settings.repository_topic]
+    serving.send_model(version_of(onnx, "11"))
+    serving.wait_until_serving(onnx.name, DATA_TYPE)
+    assert cli.main(["publish", "model", str(pmml.path), "--data-type", DATA_TYPE,
+                     "--name", pmml.name, "--version", "12", "--shadow", *topics]) == 0
+    until_shadowed(serving)
+    rows = serving.rows("shadow", 12, DATA_TYPE)
+    serving.send_records(rows)
+    results = serving.wait_for_ids(r.record_id for r in rows)
+    shadow = shadow_results(serving.settings, {r.record_id for r in rows})
+    assert {r.modelVersion for r in results.values()} == {"11"}
+    assert {r.modelVersion for r in shadow.values()} == {"12"}
+    assert {r.modelName for r in shadow.values()} == {pmml.name}
+
+    assert cli.main(["models", "promote", DATA_TYPE, *topics]) == 0
+    serving.wait_until_serving(pmml.name, DATA_TYPE)
+    assert {r.modelVersion for r in scored(serving, "promoted")} == {"12"}
+    view = repository_when(serving, "v12 promoted from its shadow deployment",
+                           lambda h: any(v["version"] == "12" and len(v["deployments"]) == 2
+                                         for v in h["versions"]))
+    as_shadow, as_model = decisions(view.history(DATA_TYPE), "12")
+    assert (as_shadow["job"], as_shadow["role"], as_shadow["retired_by"]) == (job, "shadow",
+                                                                               "promoted")
+    assert (as_model["role"], as_model["retired_ms"]) == ("", None)
+    assert decisions(view.history(DATA_TYPE), "11")[-1]["retired_by"] == "12"
