@@ -160,12 +160,19 @@ def test_a_canary_answers_its_share_by_record_id_and_is_compared_on_it(onnx_wine
     assert stats_of(restored).candidate.records == 2 * len(chosen)
 
 
-def test_a_shadow_scores_every_record_and_only_the_primary_answers(onnx_wine, rotated):
-    pipeline, path = rotated
+def primary_and_shadow(onnx_wine, candidate_path):
+    """A keyed join serving the first model as v1 with the model at ``candidate_path`` as its
+    shadow v2."""
     context = KeyedContext()
     join = joined(context)
     send_model(join, context, descriptor(onnx_wine, onnx_wine.path, "1").SerializeToString())
-    send_model(join, context, shadow(onnx_wine, path, "2"))
+    send_model(join, context, shadow(onnx_wine, candidate_path, "2"))
+    return context, join
+
+
+def test_a_shadow_scores_every_record_and_only_the_primary_answers(onnx_wine, rotated):
+    pipeline, path = rotated
+    context, join = primary_and_shadow(onnx_wine, path)
     ids, X, raws = records(onnx_wine)
     served = serve(join, context, raws)
 
@@ -215,11 +222,7 @@ def test_promotion_makes_the_candidate_serve_and_the_repository_says_so(onnx_win
 
 
 def test_abort_leaves_the_primary_alone_and_retires_the_candidate(onnx_wine, rotated):
-    _, path = rotated
-    context = KeyedContext()
-    join = joined(context)
-    send_model(join, context, descriptor(onnx_wine, onnx_wine.path, "1").SerializeToString())
-    send_model(join, context, shadow(onnx_wine, path, "2"))
+    context, join = primary_and_shadow(onnx_wine, rotated[1])
     ids, _, raws = records(onnx_wine, 20)
     serve(join, context, raws)
     assert send_model(join, context, control(Rollout.ABORT)).letters == []

@@ -20,6 +20,7 @@ from protos import ModelDescriptor, ModelType, Rollout
 from udfs.lifecycle import repository
 
 from test_state_service import T0, canary_then_shadow_repository
+from test_wire_format import varint
 
 #: ModelDescriptor.rollout is field 19, length-delimited: its key on the wire.
 ROLLOUT_KEY = b"\x9a\x01"
@@ -142,13 +143,6 @@ def test_canary_and_shadow_together_are_refused_by_the_parser(onnx_wine, produce
 
 # -- models promote / abort ------------------------------------------------------------------------
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @pytest.mark.parametrize("command, action, effect", [
